@@ -1,0 +1,391 @@
+"""Configuration objects of tdq: quantization specs, the timestep grid and `TDQConfig`.
+
+All configs are plain dataclasses with a `to_dict`/`from_dict` round trip, so they can be saved as JSON beside a
+checkpoint and used as Hydra structured configs (see `register_configs`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+CONFIG_VERSION = 1
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ROUNDINGS = ("nearest", "stochastic")
+OBSERVERS = ("minmax", "percentile", "mse")
+UNITS = ("auto", "train_timestep", "t", "sigma")
+SPACINGS = ("linear", "log")
+OUT_OF_RANGE = ("nearest", "error")
+
+WEIGHT_BITS = tuple(range(2, 9))
+ACT_BITS = tuple(range(2, 17))
+
+
+class ConfigError(ValueError):
+    """Raised when a config field holds a value tdq cannot use; the message names the field."""
+
+
+@dataclass
+class QuantSpec:
+    r"""
+    How one tensor kind (weights or activations) is quantized.
+
+    Args:
+        bits (`int`, *optional*, defaults to `8`):
+            Bit-width of the integer codes. Weights take 2–8 bits, activations 2–16 bits.
+        granularity (`str`, *optional*, defaults to `"per_tensor"`):
+            `"per_tensor"`, `"per_channel"` (one scale per output channel; weights only) or `"per_group"`
+            (groups of `group_size` input elements per output channel; weights only).
+        group_size (`int`, *optional*, defaults to `64`):
+            Number of input elements sharing one scale when `granularity="per_group"`.
+        symmetric (`bool`, *optional*, defaults to `True`):
+            Symmetric (zero-point 0, signed narrow range) or affine (unsigned codes with a zero-point).
+        rounding (`str`, *optional*, defaults to `"nearest"`):
+            `"nearest"` or `"stochastic"` rounding (stochastic only while training; evaluation rounds to nearest).
+        observer (`str`, *optional*, defaults to `"minmax"`):
+            Range estimator: `"minmax"`, `"percentile"` or `"mse"` (MSE-optimal clipping).
+        percentile (`float`, *optional*, defaults to `99.99`):
+            Percentile used by the `"percentile"` observer.
+        enabled (`bool`, *optional*, defaults to `True`):
+            Whether this tensor kind is quantized at all.
+    """
+
+    bits: int = 8
+    granularity: str = "per_tensor"
+    group_size: int = 64
+    symmetric: bool = True
+    rounding: str = "nearest"
+    observer: str = "minmax"
+    percentile: float = 99.99
+    enabled: bool = True
+
+    def validate(self, field_name: str, allowed_bits: tuple[int, ...]) -> None:
+        """Raise `ConfigError` naming `field_name` if any value is unsupported."""
+        if int(self.bits) != self.bits or self.bits not in allowed_bits:
+            raise ConfigError(
+                f"{field_name}.bits={self.bits!r} is not supported; choose one of {list(allowed_bits)}"
+            )
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"{field_name}.granularity={self.granularity!r} is unknown; choose one of {list(GRANULARITIES)}"
+            )
+        if self.granularity == "per_group" and (
+            int(self.group_size) != self.group_size or self.group_size < 1
+        ):
+            raise ConfigError(f"{field_name}.group_size={self.group_size!r} must be a positive integer")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(
+                f"{field_name}.rounding={self.rounding!r} is unknown; choose one of {list(ROUNDINGS)}"
+            )
+        if self.observer not in OBSERVERS:
+            raise ConfigError(
+                f"{field_name}.observer={self.observer!r} is unknown; choose one of {list(OBSERVERS)}"
+            )
+        if not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(f"{field_name}.percentile={self.percentile!r} must be in (0, 100]")
+
+
+def _default_weight_spec() -> QuantSpec:
+    return QuantSpec(bits=8, granularity="per_channel", symmetric=True, observer="minmax")
+
+
+def _default_act_spec() -> QuantSpec:
+    return QuantSpec(bits=8, granularity="per_tensor", symmetric=False, observer="minmax")
+
+
+@dataclass
+class TimestepGrid:
+    r"""
+    The grid of timestep buckets that activation scales live on, in the model's native time variable.
+
+    A sampler with any step count or solver maps onto the same buckets, so one calibration serves DDIM-50,
+    DPM-Solver-20 and Euler alike.
+
+    Args:
+        units (`str`, *optional*, defaults to `"auto"`):
+            `"train_timestep"` (discrete training timestep, e.g. 0..999), `"t"` (continuous time in [0, 1]),
+            `"sigma"` (noise level) or `"auto"` (taken from the model adapter).
+        t_min (`float`, *optional*):
+            Lower end of the grid; `None` takes the adapter's default.
+        t_max (`float`, *optional*):
+            Upper end of the grid; `None` takes the adapter's default.
+        num_buckets (`int`, *optional*, defaults to `10`):
+            Number of buckets K. Every activation quantizer holds K scales.
+        spacing (`str`, *optional*, defaults to `"linear"`):
+            `"linear"` or `"log"` bucket edges (log suits sigma).
+        out_of_range (`str`, *optional*, defaults to `"nearest"`):
+            What a timestep outside `[t_min, t_max]` does: `"nearest"` uses the nearest bucket, `"error"` raises.
+    """
+
+    units: str = "auto"
+    t_min: float | None = None
+    t_max: float | None = None
+    num_buckets: int = 10
+    spacing: str = "linear"
+    out_of_range: str = "nearest"
+
+    def validate(self, field_name: str = "grid") -> None:
+        """Raise `ConfigError` naming the field if the grid is unusable."""
+        if self.units not in UNITS:
+            raise ConfigError(f"{field_name}.units={self.units!r} is unknown; choose one of {list(UNITS)}")
+        if int(self.num_buckets) != self.num_buckets or self.num_buckets < 1:
+            raise ConfigError(f"{field_name}.num_buckets={self.num_buckets!r} must be a positive integer")
+        if self.spacing not in SPACINGS:
+            raise ConfigError(
+                f"{field_name}.spacing={self.spacing!r} is unknown; choose one of {list(SPACINGS)}"
+            )
+        if self.out_of_range not in OUT_OF_RANGE:
+            raise ConfigError(
+                f"{field_name}.out_of_range={self.out_of_range!r} is unknown; choose one of {list(OUT_OF_RANGE)}"
+            )
+        if self.t_min is not None and self.t_max is not None and not self.t_min < self.t_max:
+            raise ConfigError(f"{field_name}: t_min={self.t_min} must be smaller than t_max={self.t_max}")
+        if self.spacing == "log" and self.t_min is not None and self.t_min <= 0:
+            raise ConfigError(f"{field_name}: spacing='log' needs t_min > 0, got {self.t_min}")
+
+    @property
+    def resolved(self) -> bool:
+        """Whether units and both ends are known (no `"auto"`/`None` left)."""
+        return self.units != "auto" and self.t_min is not None and self.t_max is not None
+
+    def resolve(self, units: str, t_min: float, t_max: float, spacing: str | None = None) -> TimestepGrid:
+        """Return a copy with `"auto"`/`None` fields filled from an adapter's defaults."""
+        grid = copy.copy(self)
+        if grid.units == "auto":
+            grid.units = units
+            if spacing is not None and self.spacing == "linear":
+                grid.spacing = spacing
+        if grid.t_min is None:
+            grid.t_min = float(t_min)
+        if grid.t_max is None:
+            grid.t_max = float(t_max)
+        grid.validate()
+        return grid
+
+    def edges(self) -> torch.Tensor:
+        """Bucket edges, a float64 tensor of shape `[num_buckets + 1]` from `t_min` to `t_max`."""
+        if not self.resolved:
+            raise ConfigError("grid is not resolved: units/t_min/t_max are still 'auto'/None")
+        if self.spacing == "log":
+            return torch.logspace(
+                math.log10(self.t_min), math.log10(self.t_max), self.num_buckets + 1, dtype=torch.float64
+            )
+        return torch.linspace(self.t_min, self.t_max, self.num_buckets + 1, dtype=torch.float64)
+
+    def centers(self) -> torch.Tensor:
+        """Bucket centres (geometric for log spacing), shape `[num_buckets]`."""
+        e = self.edges()
+        if self.spacing == "log":
+            return (e[:-1] * e[1:]).sqrt()
+        return (e[:-1] + e[1:]) / 2
+
+    def bucket(self, values: torch.Tensor | float) -> torch.Tensor:
+        """
+        Map time values (in grid units) to bucket indices.
+
+        Args:
+            values (`torch.Tensor` or `float`): time values of any shape.
+
+        Returns:
+            `torch.LongTensor` of the same shape with indices in `[0, num_buckets)`.
+        """
+        v = torch.as_tensor(values, dtype=torch.float64)
+        if self.out_of_range == "error":
+            tol = 1e-6 * max(abs(self.t_max), 1.0)
+            bad = (v < self.t_min - tol) | (v > self.t_max + tol)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"timestep {v[bad].flatten()[0].item():g} lies outside the calibrated grid "
+                    f"[{self.t_min:g}, {self.t_max:g}] ({self.units}); set grid.out_of_range='nearest' to use the "
+                    "nearest bucket"
+                )
+        inner = self.edges()[1:-1]
+        return torch.bucketize(v, inner, right=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-safe)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LayerOverride:
+    r"""
+    Per-layer changes to the global specs; `None` fields keep the global value.
+
+    Args:
+        weight_bits (`int`, *optional*): weight bit-width for matching layers.
+        act_bits (`int`, *optional*): activation bit-width (all buckets) for matching layers.
+        weight (`dict`, *optional*): other `QuantSpec` fields for the weights, e.g. `{"granularity": "per_group"}`.
+        activation (`dict`, *optional*): other `QuantSpec` fields for the activations.
+        skip (`bool`, *optional*, defaults to `False`): leave matching layers in floating point.
+    """
+
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    weight: dict[str, Any] = field(default_factory=dict)
+    activation: dict[str, Any] = field(default_factory=dict)
+    skip: bool = False
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return pattern == name
+
+
+@dataclass
+class TDQConfig:
+    r"""
+    Everything `tdq.quantize_` needs: weight and activation specs, the timestep grid, which layers to quantize.
+
+    Layer selection follows torchao's convention: `include`/`exclude` hold module names or `re:` regexes matched
+    against the full module name; a layer is quantized when it matches `include` and no `exclude`. `overrides`
+    maps a name or `re:` regex to a `LayerOverride`; the first matching key wins.
+
+    Args:
+        weight (`QuantSpec`, *optional*): weight spec; defaults to 8-bit symmetric per-channel.
+        activation (`QuantSpec`, *optional*): input-activation spec; defaults to 8-bit affine per-tensor, min-max.
+        grid (`TimestepGrid`, *optional*): the timestep buckets; defaults to 10 buckets on the adapter's grid.
+        include (`list[str]`, *optional*, defaults to `["re:.*"]`): layers to quantize.
+        exclude (`list[str]`, *optional*, defaults to `[]`): layers to keep in floating point.
+        overrides (`dict[str, LayerOverride]`, *optional*): per-layer changes.
+        version (`int`, *optional*): schema version of this config.
+    """
+
+    weight: QuantSpec = field(default_factory=_default_weight_spec)
+    activation: QuantSpec = field(default_factory=_default_act_spec)
+    grid: TimestepGrid = field(default_factory=TimestepGrid)
+    include: list[str] = field(default_factory=lambda: ["re:.*"])
+    exclude: list[str] = field(default_factory=list)
+    overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        # Accept plain dicts (from JSON/Hydra) for the nested fields.
+        if isinstance(self.weight, dict):
+            self.weight = _spec_from_dict(self.weight, "weight")
+        if isinstance(self.activation, dict):
+            self.activation = _spec_from_dict(self.activation, "activation")
+        if isinstance(self.grid, dict):
+            self.grid = _dataclass_from_dict(TimestepGrid, self.grid, "grid")
+        self.include = list(self.include)
+        self.exclude = list(self.exclude)
+        self.overrides = {
+            k: v
+            if isinstance(v, LayerOverride)
+            else _dataclass_from_dict(LayerOverride, dict(v), f"overrides[{k!r}]")
+            for k, v in dict(self.overrides).items()
+        }
+
+    def validate(self) -> None:
+        """Check every field; raise `ConfigError` naming the first bad one."""
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(
+                f"version={self.version!r} is not readable; this tdq reads version {CONFIG_VERSION}"
+            )
+        self.weight.validate("weight", WEIGHT_BITS)
+        self.activation.validate("activation", ACT_BITS)
+        if self.activation.granularity != "per_tensor":
+            raise ConfigError(
+                f"activation.granularity={self.activation.granularity!r} is not supported; activations are "
+                "quantized per tensor with one scale per timestep bucket"
+            )
+        self.grid.validate("grid")
+        for pattern in [*self.include, *self.exclude, *self.overrides]:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ConfigError(f"bad regex {pattern!r} in include/exclude/overrides: {e}") from e
+        for key in self.overrides:
+            self.layer_specs(key if not key.startswith("re:") else "", _check_override=key)
+
+    def selects(self, name: str) -> bool:
+        """Whether the module called `name` is quantized under this config."""
+        if not any(_name_matches(p, name) for p in self.include):
+            return False
+        if any(_name_matches(p, name) for p in self.exclude):
+            return False
+        ov = self.override_for(name)
+        return not (ov is not None and ov.skip)
+
+    def override_for(self, name: str) -> LayerOverride | None:
+        """The first `LayerOverride` whose key matches `name`, or `None`."""
+        for key, ov in self.overrides.items():
+            if _name_matches(key, name):
+                return ov
+        return None
+
+    def layer_specs(self, name: str, _check_override: str | None = None) -> tuple[QuantSpec, QuantSpec]:
+        """
+        The `(weight_spec, act_spec)` for the layer `name`, with its override applied and validated.
+        """
+        ov = self.overrides[_check_override] if _check_override is not None else self.override_for(name)
+        w, a = copy.copy(self.weight), copy.copy(self.activation)
+        where = f"overrides[{_check_override or name!r}]"
+        if ov is not None:
+            w = _spec_from_dict({**dataclasses.asdict(w), **ov.weight}, f"{where}.weight")
+            a = _spec_from_dict({**dataclasses.asdict(a), **ov.activation}, f"{where}.activation")
+            if ov.weight_bits is not None:
+                w.bits = ov.weight_bits
+            if ov.act_bits is not None:
+                a.bits = ov.act_bits
+            w.validate(f"{where}.weight", WEIGHT_BITS)
+            a.validate(f"{where}.activation", ACT_BITS)
+        return w, a
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-safe), the inverse of `from_dict`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TDQConfig:
+        """Build a config from `to_dict` output (or a Hydra/OmegaConf container); unknown keys are errors."""
+        data = _to_plain(data)
+        version = data.get("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ConfigError(f"version={version!r} is not readable; this tdq reads version {CONFIG_VERSION}")
+        cfg = _dataclass_from_dict(cls, data, "TDQConfig")
+        cfg.validate()
+        return cfg
+
+
+def _to_plain(data: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(data, DictConfig | ListConfig):
+            return OmegaConf.to_container(data, resolve=True)
+    except ImportError:  # pragma: no cover - hydra is a hard dependency
+        pass
+    return data
+
+
+def _dataclass_from_dict(cls, data: dict[str, Any], where: str):
+    data = _to_plain(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+    return cls(**data)
+
+
+def _spec_from_dict(data: dict[str, Any], where: str) -> QuantSpec:
+    return _dataclass_from_dict(QuantSpec, data, where)
+
+
+def register_configs() -> None:
+    """Register `TDQConfig` as the Hydra structured-config schema `tdq_quant_schema` (group-free)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="tdq_quant_schema", node=TDQConfig)

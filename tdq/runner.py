@@ -79,10 +79,21 @@ class EvalConfig:
         num_inference_steps (`int`, *optional*, defaults to `20`): sampler steps.
         scheduler (`str`, *optional*, defaults to `"ddim"`): sampler (`ddim`, `ddpm`, `dpmsolver`, `euler`, `pndm`).
         seed (`int`, *optional*, defaults to `0`): first seed.
-        batch_size (`int`, *optional*, defaults to `16`): samples per denoiser call.
+        batch_size (`int`, *optional*, defaults to `16`): samples per denoiser call (also the unit in which seeds
+            are sharded across processes; results depend on it in the last float bits, not on the process count).
         feature (`str`, *optional*, defaults to `"inception"`): FID/KID features (`"inception"` or `"none"`).
         lpips_nets (`list[str]`): LPIPS backbones (`alex`, `vgg`); empty skips LPIPS.
         assets_dir (`str`, *optional*): metric-weight cache (default `~/.cache/tdq/assets`).
+        cache (`bool`, *optional*, defaults to `True`): reuse FP samples and features from the reference cache.
+        cache_dir (`str`, *optional*): reference cache folder (default `~/.cache/tdq/reference`).
+        noise_floor (`bool`, *optional*, defaults to `True`): also sample the FP model on `num_samples` other seeds
+            and report FID/KID of FP vs FP: the value the quantized model's FID/KID would have if it were exact.
+        noise_floor_seed (`int`, *optional*, defaults to `1000000`): first seed of that second FP set.
+        dataset (`str`, *optional*, defaults to `"auto"`): real data for FID/KID and judge metrics: `"mnist-test"`,
+            `"none"`, or `"auto"` (MNIST test set for 1×28×28 models named `mnist*`).
+        num_real (`int`, *optional*): real images used (default: `num_samples`, so all FIDs have equal counts).
+        feature_batch_size (`int`, *optional*, defaults to `32`): images per feature-extractor forward.
+        kid_subsets (`int`, *optional*, defaults to `100`): KID subsets.
     """
 
     num_samples: int = 16
@@ -93,6 +104,14 @@ class EvalConfig:
     feature: str = "inception"
     lpips_nets: list[str] = field(default_factory=lambda: ["alex"])
     assets_dir: str | None = None
+    cache: bool = True
+    cache_dir: str | None = None
+    noise_floor: bool = True
+    noise_floor_seed: int = 1000000
+    dataset: str = "auto"
+    num_real: int | None = None
+    feature_batch_size: int = 32
+    kid_subsets: int = 100
 
 
 @dataclass
@@ -106,7 +125,8 @@ class RunConfig:
         schedule (`ScheduleConfig`): the precision planner.
         calibration (`CalibrationConfig`): the calibration run.
         eval (`EvalConfig`): the evaluation run.
-        device (`str`, *optional*, defaults to `"cpu"`): where to run.
+        device (`str`, *optional*, defaults to `"cpu"`): where to run: `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"`.
+            Under `accelerate launch`, `"cuda"`/`"auto"` give every process its own GPU; `"cpu"` uses CPU processes.
         progress (`bool`, *optional*, defaults to `True`): progress bars.
         threads (`int`, *optional*, defaults to `0`): torch CPU threads (0 keeps torch's default).
     """
@@ -156,6 +176,12 @@ class _Timer:
         return _T()
 
 
+def _resolve_device(cfg_device: str, state: Any) -> torch.device:
+    if cfg_device == "auto" or (cfg_device == "cuda" and state.num_processes > 1):
+        return torch.device(state.device)
+    return torch.device(cfg_device)
+
+
 def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
     """
     Run the main job and write the run directory.
@@ -164,14 +190,36 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
     `lpips_hist.png`, `sensitivity.{safetensors,json}`, `sensitivity_act.png`, `sensitivity_weight.png`,
     `schedule.json`, `schedule.png`, `config.json`.
 
+    FP reference samples (eval seeds, noise-floor seeds, calibration seeds) and their features come from the
+    reference cache (`tdq.eval.reference`) when present; the report's `reference_cache` section says which were
+    hits. Under `accelerate launch` the samplers and feature extractors shard their seeds across processes (see
+    `tdq.eval.distributed`); profiling and calibration run on every process (the main process's schedule and
+    calibrated scales are broadcast), metrics and all files are computed and written by the main process only.
+
     Args:
         cfg (`RunConfig` or Hydra `DictConfig`): the run config.
         run_dir (`str` or `Path`): output directory.
 
     Returns:
-        `dict`: the report (as in `report.json`).
+        `dict`: the report (as in `report.json`) on the main process, `{}` on the others.
     """
+    from tdq.eval import data as data_eval
     from tdq.eval import paired_metrics, trajectory_drift, write_report
+    from tdq.eval.distributed import (
+        broadcast_tensor,
+        distributed_extract_features,
+        distributed_sample,
+        get_state,
+        sync_buffers,
+    )
+    from tdq.eval.reference import (
+        ReferenceCache,
+        cached_features,
+        cached_samples,
+        feature_id,
+        model_fingerprint,
+        reference_spec,
+    )
     from tdq.schedule import PrecisionBudget, plan_precision, plan_uniform, schedule_objective
     from tdq.sensitivity import profile_sensitivity
 
@@ -179,17 +227,23 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
     cfg.quant.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    state = get_state(cpu=cfg.device == "cpu")
+    main = state.is_main_process
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(_asdict(cfg), indent=2))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(_asdict(cfg), indent=2))
     timer = _Timer()
-    device = torch.device(cfg.device)
+    device = _resolve_device(cfg.device, state)
+    progress = cfg.progress and main
+    ev = cfg.eval
 
     with timer("load"):
-        m = load_model(cfg.model, device=cfg.device)
+        m = load_model(cfg.model, device=str(device))
     denoiser = m.denoiser
+    fingerprint = model_fingerprint(denoiser)  # of the float model, before quantization
 
-    def sampler(section) -> DiffusionSampler:
+    def sampler(section, trajectory: bool = True) -> DiffusionSampler:
         return DiffusionSampler(
             denoiser,
             make_scheduler(m.scheduler, section.scheduler),
@@ -197,19 +251,72 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
             num_inference_steps=section.num_inference_steps,
             batch_size=section.batch_size,
             device=device,
-            progress=cfg.progress,
+            record_trajectory=trajectory,
+            progress=progress,
         )
 
-    eval_seeds = list(range(cfg.eval.seed, cfg.eval.seed + cfg.eval.num_samples))
+    cache = ReferenceCache(ev.cache_dir or None) if ev.cache else None
+    cache_report: dict[str, Any] = {"dir": str(cache.root) if cache else None}
+
+    def fp_samples(section, seeds, trajectory, desc):
+        smp = sampler(section, trajectory)
+        spec = reference_spec(fingerprint, smp, seeds)
+        result, info = cached_samples(smp, seeds, spec, cache, state, desc=desc)
+        return result, spec, info
+
+    eval_seeds = list(range(ev.seed, ev.seed + ev.num_samples))
     calib_seeds = list(range(cfg.calibration.seed, cfg.calibration.seed + cfg.calibration.num_samples))
     with timer("fp_sampling"):
-        fp = sampler(cfg.eval)(eval_seeds, desc="FP reference")
+        fp, fp_spec, info = fp_samples(ev, eval_seeds, True, "FP reference")
+    cache_report["fp_samples"] = info.to_dict()
+    nf = nf_spec = None
+    nf_seeds = list(range(ev.noise_floor_seed, ev.noise_floor_seed + ev.num_samples))
+    if ev.noise_floor:
+        if set(nf_seeds) & set(eval_seeds):
+            raise ValueError("eval.noise_floor_seed range overlaps the evaluation seeds")
+        with timer("fp_sampling_noise_floor"):
+            nf, nf_spec, info = fp_samples(ev, nf_seeds, False, "FP noise floor")
+        cache_report["noise_floor_samples"] = info.to_dict()
 
-    # Sensitivity profile and precision schedule (on the FP model).
+    # Feature extractors: Inception (FID/KID) and the domain judge when real data is given.
+    dataset = data_eval.resolve_dataset(ev.dataset, m.name, m.sample_shape)
+    extractors: dict[str, tuple[torch.nn.Module, str]] = {}
+    if ev.feature not in ("none", "inception"):
+        raise ValueError(f"eval.feature={ev.feature!r} is unknown; choose 'inception' or 'none'")
+    if ev.feature == "inception":
+        from tdq.eval.features import InceptionFeatures
+
+        net = InceptionFeatures(cache_dir=ev.assets_dir).to(device)
+        extractors["inception"] = (net, feature_id("inception_v3_tf_pool3", net))
+    judge = None
+    if dataset is not None and data_eval.judge_applies(dataset, m.sample_shape):
+        judge, judge_feat, judge_name = data_eval.load_domain_judge(dataset, device)
+        extractors["judge"] = (judge_feat, feature_id(judge_name, judge_feat))
+
+    def fp_features(images, spec, label):
+        out = {}
+        for key, (net, fid) in extractors.items():
+            out[key], info = cached_features(
+                images, net, fid, spec, cache, state, batch_size=ev.feature_batch_size
+            )
+            cache_report.setdefault("features", {})[f"{label}/{key}"] = info.status
+        return out
+
+    with timer("fp_features"):
+        fp_feats = fp_features(fp.images, fp_spec, "fp")
+        nf_feats = fp_features(nf.images, nf_spec, "noise_floor") if nf is not None else {}
+        real_feats, real_labels, real_images = {}, None, None
+        if dataset is not None:
+            real_images, real_labels = data_eval.load_dataset_images(dataset, ev.num_real or ev.num_samples)
+            real_feats = fp_features(real_images, data_eval.data_spec(dataset, real_images), "data")
+
+    # Sensitivity profile and precision schedule (on the FP model; every process computes them, main's wins).
     profile = schedule = None
     if cfg.schedule.planner != "none":
         with timer("fp_sampling_for_profile"):
-            x0 = sampler(cfg.calibration)(calib_seeds, desc="FP samples for profiling").images * 2 - 1
+            calib_fp, _, info = fp_samples(cfg.calibration, calib_seeds, False, "FP samples for profiling")
+            x0 = calib_fp.images * 2 - 1
+        cache_report["profile_samples"] = info.to_dict()
         with timer("sensitivity"):
             profile = profile_sensitivity(
                 denoiser,
@@ -219,11 +326,12 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
                 config=cfg.quant,
                 samples_per_bucket=cfg.schedule.samples_per_bucket,
                 batch_size=cfg.schedule.batch_size,
-                progress=cfg.progress,
+                progress=progress,
             )
-        profile.save(run_dir / "sensitivity")
-        profile.plot_heatmap(run_dir / "sensitivity_act.png", kind="act")
-        profile.plot_heatmap(run_dir / "sensitivity_weight.png", kind="weight")
+        if main:
+            profile.save(run_dir / "sensitivity")
+            profile.plot_heatmap(run_dir / "sensitivity_act.png", kind="act")
+            profile.plot_heatmap(run_dir / "sensitivity_weight.png", kind="weight")
         with timer("plan"):
             uniform = plan_uniform(
                 profile, act_bits=cfg.quant.activation.bits, weight_bits=cfg.quant.weight.bits
@@ -242,8 +350,16 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
                 raise ValueError(
                     f"schedule.planner={cfg.schedule.planner!r} is unknown; choose milp, uniform or none"
                 )
-        schedule.save(run_dir / "schedule.json")
-        schedule.plot(run_dir / "schedule.png")
+            if state.num_processes > 1:  # identical on every process, whatever float noise did to the MILP
+                schedule.act_bits = broadcast_tensor(
+                    schedule.act_bits, schedule.act_bits.shape, torch.long, state
+                )
+                schedule.weight_bits = broadcast_tensor(
+                    schedule.weight_bits, schedule.weight_bits.shape, torch.long, state
+                )
+        if main:
+            schedule.save(run_dir / "schedule.json")
+            schedule.plot(run_dir / "schedule.png")
 
     # Quantize, apply the schedule, calibrate through the real sampler.
     with timer("quantize"):
@@ -252,34 +368,75 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
             schedule.apply_(denoiser)
     with timer("calibrate"):
         with tdq.calibration(denoiser):
-            sampler(cfg.calibration)(calib_seeds, desc="calibration")
+            sampler(cfg.calibration, trajectory=False)(calib_seeds, desc="calibration")
+        sync_buffers(denoiser, state)
     with timer("quant_sampling"):
-        q = sampler(cfg.eval)(eval_seeds, desc="quantized")
+        q = distributed_sample(sampler(ev), eval_seeds, state, desc="quantized")
+    with timer("quant_features"):
+        q_feats = {
+            key: distributed_extract_features(q.images, net, state, batch_size=ev.feature_batch_size)
+            for key, (net, _) in extractors.items()
+        }
 
+    if not main:
+        state.wait_for_everyone()
+        return {}
+
+    kid_kw = {"kid_subsets": ev.kid_subsets, "kid_subset_size": 1000, "seed": 0}
     with timer("metrics"):
-        feature = None if cfg.eval.feature == "none" else cfg.eval.feature
         metrics = paired_metrics(
             fp.images,
             q.images,
-            feature=feature,
-            lpips_nets=tuple(cfg.eval.lpips_nets),
-            cache_dir=cfg.eval.assets_dir,
+            feature=None,
+            lpips_nets=tuple(ev.lpips_nets),
+            cache_dir=ev.assets_dir,
+            device=device,
         )
+        if "inception" in extractors:
+            dist = data_eval.distribution_metrics(fp_feats["inception"], q_feats["inception"], **kid_kw)
+            metrics["feature"] = "inception_v3_tf_pool3"
+            metrics["feature_dim"] = int(fp_feats["inception"].shape[1])
+            metrics.update({k: v for k, v in dist.items() if k not in ("num_real", "num_fake")})
         drift = trajectory_drift(fp.trajectory, q.trajectory)
+        noise_floor = _noise_floor_section(ev, nf_seeds, fp_feats, nf_feats, q_feats, kid_kw) if nf else None
+        data_section = None
+        if dataset is not None:
+            data_section = _data_section(
+                dataset,
+                real_feats,
+                real_labels,
+                real_images,
+                fp,
+                q,
+                nf,
+                fp_feats,
+                nf_feats,
+                q_feats,
+                judge,
+                kid_kw,
+            )
 
     report: dict[str, Any] = {
         "model": {"name": m.name, "source": m.source, "sample_shape": list(m.sample_shape)},
         "num_samples": len(eval_seeds),
         "eval": {
-            "scheduler": cfg.eval.scheduler,
-            "num_inference_steps": cfg.eval.num_inference_steps,
+            "scheduler": ev.scheduler,
+            "num_inference_steps": ev.num_inference_steps,
             "seeds": [eval_seeds[0], eval_seeds[-1]],
+            "batch_size": ev.batch_size,
+            "device": str(device),
+            "num_processes": int(state.num_processes),
         },
         "calibration": {"num_samples": len(calib_seeds), "scheduler": cfg.calibration.scheduler},
         **metrics,
         "drift": drift,
+        "reference_cache": cache_report,
         "timings_s": timer.times,
     }
+    if noise_floor is not None:
+        report["noise_floor"] = noise_floor
+    if data_section is not None:
+        report["data"] = data_section
     if schedule is not None:
         report["schedule"] = {
             "planner": cfg.schedule.planner,
@@ -290,7 +447,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
     extra = {
         k: run_dir / f for k, f in [("sensitivity_act", "sensitivity_act.png"), ("schedule", "schedule.png")]
     }
-    write_report(
+    written = write_report(
         run_dir,
         report,
         fp.images,
@@ -298,7 +455,150 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         drift,
         extra_figures={k: v for k, v in extra.items() if v.exists()},
     )
+    sections = _markdown_sections(report)
+    if sections:
+        md = written["md"].read_text()
+        head, sep, figs = md.partition("\n## Figures")
+        written["md"].write_text(head.rstrip("\n") + "\n\n" + sections + (sep + figs if sep else ""))
+    state.wait_for_everyone()
     return json.loads((run_dir / "report.json").read_text())
+
+
+def _dist_short(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: d[k] for k in ("fid", "kid_mean", "kid_std") if k in d}
+
+
+def _noise_floor_section(ev, nf_seeds, fp_feats, nf_feats, q_feats, kid_kw) -> dict[str, Any]:
+    from tdq.eval.data import distribution_metrics
+
+    out: dict[str, Any] = {
+        "description": "FP samples (eval seeds) vs FP samples (other seeds), same counts: the FID/KID an exact "
+        "quantized model would score against the FP reference. Quantized-vs-FP values near this are noise.",
+        "num_samples": len(nf_seeds),
+        "seeds": [nf_seeds[0], nf_seeds[-1]],
+    }
+    for key in fp_feats:
+        floor = distribution_metrics(fp_feats[key], nf_feats[key], **kid_kw)
+        quant = distribution_metrics(fp_feats[key], q_feats[key], **kid_kw)
+        out[key] = {"fp_vs_fp_other_seeds": _dist_short(floor), "quantized_vs_fp": _dist_short(quant)}
+    return out
+
+
+def _data_section(
+    dataset, real_feats, real_labels, real_images, fp, q, nf, fp_feats, nf_feats, q_feats, judge, kid_kw
+) -> dict[str, Any]:
+    from tdq.eval.data import class_metrics, distribution_metrics
+
+    out: dict[str, Any] = {"dataset": dataset, "num_real": int(real_images.shape[0])}
+    for key, real in real_feats.items():
+        sec = {
+            "fp": _dist_short(distribution_metrics(real, fp_feats[key], **kid_kw)),
+            "quantized": _dist_short(distribution_metrics(real, q_feats[key], **kid_kw)),
+        }
+        if key in nf_feats:
+            sec["fp_other_seeds"] = _dist_short(distribution_metrics(real, nf_feats[key], **kid_kw))
+        out[key] = sec
+    if judge is not None:
+        real_c = class_metrics(real_images, judge, real_labels)
+        fp_c = class_metrics(fp.images, judge)
+        q_c = class_metrics(q.images, judge)
+        agree = [a == b for a, b in zip(fp_c.pop("predictions"), q_c.pop("predictions"), strict=True)]
+        real_c.pop("predictions")
+        out["judge"] = {
+            "real": real_c,
+            "fp": fp_c,
+            "quantized": q_c,
+            "class_agreement_fp_vs_quantized": sum(agree) / max(1, len(agree)),
+        }
+        if nf is not None:
+            nf_c = class_metrics(nf.images, judge)
+            nf_c.pop("predictions")
+            out["judge"]["fp_other_seeds"] = nf_c
+    return out
+
+
+def _f(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _markdown_sections(report: dict[str, Any]) -> str:
+    """Markdown for the noise-floor, data and cache sections (appended to `report.md`)."""
+    lines: list[str] = []
+    nf = report.get("noise_floor")
+    if nf:
+        n = nf["num_samples"]
+        lines += [
+            "## Noise floor",
+            "",
+            f"FID/KID between two FP sample sets of {n} images (other seeds): what an exact quantized model "
+            "would score. Quantized-vs-FP values within about this much are indistinguishable from sampling noise.",
+            "",
+            "| features | FP vs FP (other seeds) FID | quantized vs FP FID | FP vs FP KID | quantized vs FP KID |",
+            "|---|---|---|---|---|",
+        ]
+        for key in ("inception", "judge"):
+            if key in nf:
+                a, b = nf[key]["fp_vs_fp_other_seeds"], nf[key]["quantized_vs_fp"]
+                lines.append(
+                    f"| {key} | {_f(a.get('fid'))} | {_f(b.get('fid'))} | "
+                    f"{_f(a.get('kid_mean'))} ± {_f(a.get('kid_std'))} | "
+                    f"{_f(b.get('kid_mean'))} ± {_f(b.get('kid_std'))} |"
+                )
+        lines.append("")
+    data = report.get("data")
+    if data:
+        lines += [
+            f"## Against real data ({data['dataset']}, {data['num_real']} images)",
+            "",
+            "| features | set | FID | KID |",
+            "|---|---|---|---|",
+        ]
+        for key in ("inception", "judge"):
+            for label in ("fp", "fp_other_seeds", "quantized"):
+                d = data.get(key, {}).get(label)
+                if d:
+                    lines.append(
+                        f"| {key} | {label} | {_f(d.get('fid'))} | {_f(d.get('kid_mean'))} ± {_f(d.get('kid_std'))} |"
+                    )
+        j = data.get("judge")
+        if j:
+            lines += [
+                "",
+                "| judge (ccexam MNIST classifier) | mean top-1 confidence | class entropy [bits] | accuracy |",
+                "|---|---|---|---|",
+            ]
+            for label in ("real", "fp", "fp_other_seeds", "quantized"):
+                if label in j:
+                    c = j[label]
+                    lines.append(
+                        f"| {label} | {_f(c['mean_confidence'])} | {_f(c['class_entropy_bits'])} | "
+                        f"{_f(c.get('accuracy'))} |"
+                    )
+            lines += [
+                "",
+                f"Same predicted digit for FP and quantized (same seed): "
+                f"{_f(j['class_agreement_fp_vs_quantized'])}.",
+            ]
+        lines.append("")
+    cache = report.get("reference_cache")
+    if cache:
+        entries = {k: v["status"] for k, v in cache.items() if isinstance(v, dict) and "status" in v}
+        entries.update({f"features {k}": v for k, v in cache.get("features", {}).items()})
+        lines += [
+            "## Reference cache",
+            "",
+            f"Folder: `{cache.get('dir')}`.",
+            "",
+            "| entry | status |",
+            "|---|---|",
+        ]
+        lines += [f"| {k} | {v} |" for k, v in entries.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _asdict(cfg: RunConfig) -> dict[str, Any]:

@@ -263,7 +263,11 @@ def extract_features(images: torch.Tensor, feature: nn.Module, *, batch_size: in
 
 
 def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float | None:
-    """FID between two feature sets, computed by ``torchmetrics.image.FrechetInceptionDistance``.
+    """FID between two feature sets, with torchmetrics' definition (see `tdq.eval.data.frechet_distance`).
+
+    torchmetrics' own `FrechetInceptionDistance` takes over a minute per call at D = 2048 on two CPU cores (a general
+    eigenproblem); `frechet_distance` gives the same number through an exact SVD identity in well under a second and
+    is tested against both torchmetrics and clean-fid.
 
     Args:
         real (`torch.Tensor` of shape `[N, D]`): reference features.
@@ -272,14 +276,9 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float | None:
     Returns:
         `float` or `None`: the FID, or `None` when either set has fewer than 2 samples.
     """
-    from torchmetrics.image import FrechetInceptionDistance
+    from tdq.eval.data import frechet_distance
 
-    if real.shape[0] < 2 or fake.shape[0] < 2:
-        return None
-    metric = FrechetInceptionDistance(feature=_Passthrough(real.shape[1]), normalize=True)
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
-    return float(metric.compute())
+    return frechet_distance(real, fake)
 
 
 def kid_from_features(
@@ -313,7 +312,12 @@ def kid_from_features(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "will save all extracted features in buffer"
         metric = KernelInceptionDistance(
-            feature=_Passthrough(real.shape[1]), subsets=subsets, subset_size=m, normalize=True
+            feature=_Passthrough(real.shape[1]),
+            subsets=subsets,
+            subset_size=m,
+            normalize=True,
+            # Features are already gathered; under `accelerate launch` only the main process computes.
+            sync_on_compute=False,
         )
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)

@@ -1,0 +1,601 @@
+"""Save and load the tdq state of a quantized model: safetensors plus a JSON sidecar, no pickle.
+
+A state directory holds two files:
+
+- `tdq_state.safetensors`: per quantized layer the real integer weight codes (`<layer>.weight_codes`; `int8` for
+  symmetric and `uint8` for affine codes, packed two per byte with `tdq.quant.functional.pack_int4` when the layer
+  has 4 bits or fewer), the weight quantizer's `scale`, `zero_point`, `min_val`, `max_val` and `bits`, every buffer of
+  the activation quantizer (`scale`, `zero_point`, `bits`, `min_val`, `max_val`, `calibrated`, shape `[K]`) and the
+  layer's bias. With `include_float=True` (the default) it also holds every other parameter and buffer of the
+  model under its usual name, so the state alone rebuilds the model from a randomly initialised skeleton of the
+  same architecture; with `include_float=False` it holds only the quantized layers and is loaded on top of a model
+  that already has its float weights.
+- `tdq_config.json`: schema version, `TDQConfig.to_dict()`, the resolved grid, the timestep adapter, the bit
+  schedule (per layer weight bits and activation bits `[K]`), the layout of every layer's codes, the source model,
+  the tdq version and the sha256 of the safetensors file.
+
+Weights are stored only as codes. Loading writes the dequantized codes into each layer's `weight`, so the layer's
+fake-quantized weight, and therefore every output, is bit-exact what it was before saving; `tdq.disabled(model)`
+then runs the model with those dequantized weights, not with the original float weights, which are not stored.
+
+`load_quant_state` checks everything (hash, JSON, schema version, config, layer names, every tensor's name, shape and
+dtype) before it changes the model, so a failed load leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdq.adapters import TimestepAdapter
+from tdq.config import ConfigError, TDQConfig
+from tdq.quant import functional as F
+from tdq.quant.modules import QUANT_MODULES
+from tdq.quant.quantizers import NotCalibratedError, TimestepContext
+from tdq.quantize import STATE_ATTR, get_state, iter_quant_layers, quantize_, select_layers
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "tdq_state.safetensors"
+CONFIG_FILE = "tdq_config.json"
+STATE_FORMAT = "tdq-quant-state"
+STATE_SCHEMA_VERSION = 1
+READABLE_SCHEMA_VERSIONS = (1,)
+
+CODES_SUFFIX = ".weight_codes"
+_QUANTIZER_PREFIXES = ("weight_quantizer.", "act_quantizer.")
+
+__all__ = [
+    "CONFIG_FILE",
+    "QuantStateError",
+    "STATE_FILE",
+    "STATE_SCHEMA_VERSION",
+    "has_quant_state",
+    "load_quant_state",
+    "read_quant_config",
+    "save_quant_state",
+]
+
+
+class QuantStateError(ValueError):
+    """Raised when a saved tdq state is missing, corrupted, of an unknown schema, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise QuantStateError(f"unknown dtype {name!r} in the tdq sidecar")
+    return dtype
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _code_layout(bits: int, symmetric: bool) -> str:
+    signed = "int" if symmetric else "uint"
+    return f"{signed}4_packed" if bits <= 4 else f"{signed}8"
+
+
+def _codes_shape(layout: str, rows: int, cols: int) -> tuple[int, ...]:
+    if layout.endswith("_packed"):
+        return ((rows * cols + 1) // 2,)
+    return (rows, cols)
+
+
+def _codes_dtype(layout: str) -> torch.dtype:
+    return torch.uint8 if layout.endswith("_packed") or layout.startswith("uint") else torch.int8
+
+
+def _pack_codes(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout.endswith("_packed"):
+        return F.pack_int4(codes)
+    return codes.contiguous()
+
+
+def _unpack_codes(stored: torch.Tensor, layout: str, rows: int, cols: int) -> torch.Tensor:
+    """Integer codes as an `int16` tensor `[rows, cols]` (affine codes are unsigned)."""
+    if layout.endswith("_packed"):
+        codes = F.unpack_int4(stored, rows * cols).to(torch.int16)
+        if layout.startswith("uint"):
+            codes = codes & 0xF
+        return codes.reshape(rows, cols)
+    return stored.to(torch.int16).reshape(rows, cols)
+
+
+def _weight_codes(wq, fq: torch.Tensor) -> torch.Tensor:
+    """
+    The integer codes of a fake-quantized weight, as `int8`/`uint8` rows.
+
+    Divides by the scale *as the forward pass used it* (cast to the weight's dtype), so the codes are exact for
+    half-precision weights too (`WeightQuantizer.int_codes` divides by the float32 scale).
+    """
+    rows = F.reshape_for_granularity(fq, wq.spec.granularity, wq.spec.group_size).float()
+    qmin, qmax = wq.qrange()
+    scale = wq.scale.to(fq.dtype).float()
+    zero_point = wq.zero_point.to(fq.dtype).float()
+    return F.quantize(rows, scale, zero_point, qmin, qmax).to(torch.int8 if qmin < 0 else torch.uint8)
+
+
+def _dequantize_weight(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    shape: tuple[int, ...],
+    granularity: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`(q - zp) * scale` in `dtype`, the arithmetic of `fake_quantize`, so the result equals the fake-quant weight."""
+    rows = (codes.to(dtype) - zero_point.to(dtype)) * scale.to(dtype)
+    return F.restore_from_granularity(rows, torch.Size(shape), granularity).contiguous()
+
+
+def _layer_of_key(key: str, layer_names: set[str]) -> str:
+    """The module a state key belongs to: a quantized layer's name for its codes and quantizer buffers."""
+    if key.endswith(CODES_SUFFIX):
+        return key[: -len(CODES_SUFFIX)]
+    owner = key.rpartition(".")[0]
+    base, _, child = owner.rpartition(".")
+    if child + "." in _QUANTIZER_PREFIXES and base in layer_names:
+        return base
+    return owner
+
+
+def _adapter_to_dict(adapter: TimestepAdapter) -> dict[str, Any]:
+    return {"class": type(adapter).__name__, **dataclasses.asdict(adapter)}
+
+
+def _adapter_from_dict(data: dict[str, Any]) -> TimestepAdapter:
+    from tdq.pipelines.static import ConstantTimestepAdapter
+
+    classes = {"TimestepAdapter": TimestepAdapter, "ConstantTimestepAdapter": ConstantTimestepAdapter}
+    data = dict(data)
+    name = data.pop("class", "TimestepAdapter")
+    if name not in classes:
+        raise QuantStateError(
+            f"unknown timestep adapter class {name!r} in the tdq sidecar; known: {sorted(classes)}"
+        )
+    try:
+        return classes[name](**data)
+    except TypeError as e:
+        raise QuantStateError(f"bad timestep adapter in the tdq sidecar: {e}") from e
+
+
+def _meta_probe_state(module: nn.Module, name: str, config: TDQConfig, num_buckets: int) -> dict[str, tuple]:
+    """Names and shapes of the state of `module` once quantized, computed on meta tensors (nothing is changed)."""
+    probe = copy.copy(module)
+    probe._parameters = {
+        k: None if v is None else nn.Parameter(torch.empty(v.shape, dtype=v.dtype, device="meta"), False)
+        for k, v in module._parameters.items()
+    }
+    probe._buffers = {
+        k: None if v is None else torch.empty(v.shape, dtype=v.dtype, device="meta")
+        for k, v in module._buffers.items()
+    }
+    wspec, aspec = config.layer_specs(name)
+    qmod = QUANT_MODULES[type(module)].from_float(probe, name, wspec, aspec, TimestepContext(num_buckets))
+    return {k: (tuple(v.shape), v.dtype) for k, v in qmod.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_quant_state(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    source_model: str | None = None,
+    include_float: bool = True,
+) -> Path:
+    r"""
+    Save the tdq state of a calibrated quantized model as `tdq_state.safetensors` + `tdq_config.json`.
+
+    Args:
+        model (`nn.Module`):
+            A model quantized by `tdq.quantize_` and calibrated.
+        directory (`str` or `os.PathLike`):
+            Output directory (created if needed). Existing state files in it are replaced.
+        source_model (`str`, *optional*):
+            Where the float model came from (hub id or path), recorded in the sidecar.
+        include_float (`bool`, *optional*, defaults to `True`):
+            Also store every non-quantized parameter and buffer, so the state rebuilds the model from a skeleton.
+            `False` stores only the quantized layers (for a model whose float weights are saved elsewhere).
+
+    Returns:
+        `Path` of the directory.
+
+    Raises:
+        `ValueError` if the model is not quantized; `NotCalibratedError` if a layer's activation quantizer is not
+        calibrated.
+    """
+    from safetensors.torch import save_file
+
+    import tdq
+
+    state = get_state(model)
+    layers = list(iter_quant_layers(model))
+    layer_names = {n for n, _ in layers}
+    for name, m in layers:
+        aq = m.act_quantizer
+        if aq.spec.enabled and (aq.mode == "observe" or not bool(aq.calibrated.all())):
+            raise NotCalibratedError(
+                f"layer {name!r}: activation quantizer is not calibrated; run the sampler inside "
+                "`tdq.calibration(model)` before saving"
+            )
+
+    tensors: dict[str, torch.Tensor] = {}
+    layer_info: list[dict[str, Any]] = []
+    mismatched = []
+    for name, m in layers:
+        wq = m.weight_quantizer
+        spec = wq.spec
+        info: dict[str, Any] = {
+            "name": name,
+            "module": type(m).__name__,
+            "weight_shape": list(m.weight.shape),
+            "weight_dtype": _dtype_name(m.weight.dtype),
+            "weight_bits": int(wq.bits),
+            "act_bits": [int(b) for b in m.act_quantizer.bits],
+            "granularity": spec.granularity,
+        }
+        if spec.enabled:
+            with torch.no_grad():
+                fq = m.quantized_weight().detach()
+                codes = _weight_codes(wq, fq)
+                layout = _code_layout(int(wq.bits), spec.symmetric)
+                rows, cols = codes.shape
+                deq = _dequantize_weight(
+                    codes.to(torch.int16),
+                    wq.scale,
+                    wq.zero_point,
+                    tuple(fq.shape),
+                    spec.granularity,
+                    fq.dtype,
+                )
+                if not torch.equal(deq, fq):
+                    mismatched.append(name)
+            tensors[name + CODES_SUFFIX] = _pack_codes(codes, layout).cpu()
+            info.update(code_layout=layout, code_rows=rows, code_cols=cols)
+        else:
+            info.update(code_layout="float")
+        layer_info.append(info)
+    if mismatched:
+        logger.warning(
+            "dequantized codes of %d layer(s) (first: %r) differ from the fake-quantized weights in the last bit; "
+            "reloaded outputs will not be bit-exact (this happens with bfloat16 weights)",
+            len(mismatched),
+            mismatched[0],
+        )
+
+    coded = {info["name"] + ".weight" for info in layer_info if info["code_layout"] != "float"}
+    seen_ptrs: set[tuple[int, int]] = set()
+    for key, value in model.state_dict().items():
+        if key in coded:
+            continue
+        if not include_float and _layer_of_key(key, layer_names) not in layer_names:
+            continue
+        t = value.detach().cpu().contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if ptr in seen_ptrs:  # tied tensors: safetensors refuses shared storage
+            t = t.clone()
+        seen_ptrs.add(ptr)
+        tensors[key] = t
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state_path = directory / STATE_FILE
+    _atomic_write(
+        state_path,
+        lambda p: save_file(
+            tensors, p, metadata={"format": STATE_FORMAT, "schema_version": str(STATE_SCHEMA_VERSION)}
+        ),
+    )
+    sidecar = {
+        "format": STATE_FORMAT,
+        "schema_version": STATE_SCHEMA_VERSION,
+        "tdq_version": tdq.__version__,
+        "model_class": type(model).__name__,
+        "source_model": source_model,
+        "include_float": bool(include_float),
+        "config": state.config.to_dict(),
+        "grid": state.grid.to_dict(),
+        "adapter": _adapter_to_dict(state.adapter),
+        "schedule": {
+            "layers": [i["name"] for i in layer_info],
+            "weight_bits": [i["weight_bits"] for i in layer_info],
+            "act_bits": [i["act_bits"] for i in layer_info],
+        },
+        "layers": layer_info,
+        "state_file": STATE_FILE,
+        "state_sha256": _sha256(state_path),
+    }
+    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def has_quant_state(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a tdq state sidecar (`tdq_config.json`)."""
+    return (Path(directory) / CONFIG_FILE).is_file()
+
+
+def read_quant_config(directory: str | os.PathLike) -> dict[str, Any]:
+    r"""
+    Read and check the sidecar `tdq_config.json` of a state directory (schema version, required fields).
+
+    Args:
+        directory (`str` or `os.PathLike`): the state directory.
+
+    Returns:
+        The sidecar as a `dict`.
+
+    Raises:
+        `FileNotFoundError` if the sidecar is missing; `QuantStateError` if it is not valid JSON, has an unknown
+        schema version or lacks a field.
+    """
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no tdq state in {str(directory)!r}: {CONFIG_FILE} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantStateError(f"tdq sidecar {str(path)!r} is corrupted: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise QuantStateError(f"tdq sidecar {str(path)!r} is corrupted: expected a JSON object")
+    version = data.get("schema_version")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise QuantStateError(
+            f"tdq sidecar {str(path)!r} has schema_version={version!r}, which this tdq cannot read; readable "
+            f"versions: {list(READABLE_SCHEMA_VERSIONS)}"
+        )
+    required = ("config", "grid", "adapter", "layers", "state_sha256", "include_float")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise QuantStateError(f"tdq sidecar {str(path)!r} is corrupted: missing field(s) {missing}")
+    return data
+
+
+def _read_tensors(directory: Path, sidecar: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = directory / sidecar.get("state_file", STATE_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"tdq state file {str(path)!r} is missing")
+    digest = _sha256(path)
+    if digest != sidecar["state_sha256"]:
+        raise QuantStateError(
+            f"tdq state file {str(path)!r} is corrupted or truncated: its sha256 {digest[:12]}… does not match "
+            f"{str(sidecar['state_sha256'])[:12]}… recorded in {CONFIG_FILE}"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise QuantStateError(f"tdq state file {str(path)!r} cannot be read: {e}") from e
+
+
+def _expected_state(
+    model: nn.Module, config: TDQConfig, num_buckets: int, quantized: bool
+) -> tuple[list[str], dict[str, tuple[tuple, torch.dtype]]]:
+    """The quantized layer names and the `{key: (shape, dtype)}` state of `model` once quantized with `config`."""
+    if quantized:
+        names = [n for n, _ in iter_quant_layers(model)]
+        sd = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        return names, sd
+    names = select_layers(model, config)
+    name_set = set(names)
+    sd: dict[str, tuple[tuple, torch.dtype]] = {}
+    probed: set[str] = set()
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in name_set:
+            if owner not in probed:
+                probed.add(owner)
+                sub = _meta_probe_state(model.get_submodule(owner), owner, config, num_buckets)
+                sd.update({f"{owner}.{k}": v for k, v in sub.items()})
+            continue
+        sd[key] = (tuple(value.shape), value.dtype)
+    return names, sd
+
+
+def load_quant_state(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    r"""
+    Quantize `model` with the saved config and adapter and load the saved tdq state into it (no calibration).
+
+    Everything is checked before the model is changed: a failed load leaves it as it was.
+
+    Args:
+        model (`nn.Module`):
+            The float model of the same architecture (a randomly initialised skeleton is enough for a state saved
+            with `include_float=True`), or a model already quantized with the same config.
+        directory (`str` or `os.PathLike`):
+            The directory written by `save_quant_state`.
+
+    Returns:
+        The same `model`, quantized and calibrated.
+
+    Raises:
+        `FileNotFoundError` if a file is missing; `QuantStateError` if the sidecar or the safetensors file is
+        corrupted (bad JSON, hash mismatch, truncated), the schema version is unknown, or the state does not fit the
+        model (the message names the first mismatched layer).
+    """
+    directory = Path(directory)
+    sidecar = read_quant_config(directory)
+    tensors = _read_tensors(directory, sidecar)
+    try:
+        config = TDQConfig.from_dict(sidecar["config"])
+    except (ConfigError, TypeError) as e:
+        raise QuantStateError(f"tdq sidecar in {str(directory)!r} holds an invalid config: {e}") from e
+    adapter = _adapter_from_dict(sidecar["adapter"])
+    grid = config.grid.resolve(*adapter.default_grid())
+    if grid.to_dict() != sidecar["grid"]:
+        raise QuantStateError(
+            f"tdq sidecar in {str(directory)!r} is inconsistent: grid {sidecar['grid']} does not follow from its "
+            f"config and adapter ({grid.to_dict()})"
+        )
+    model_name = type(model).__name__
+    quantized = hasattr(model, STATE_ATTR)
+    if quantized:
+        current = get_state(model)
+        if current.config.to_dict() != config.to_dict() or current.grid.to_dict() != grid.to_dict():
+            raise QuantStateError(
+                f"{model_name} is already quantized with another config than the saved state; load the state into "
+                "the float model"
+            )
+    include_float = bool(sidecar["include_float"])
+
+    # 1. layer names, in model order: the first mismatch is named.
+    try:
+        names, expected = _expected_state(model, config, grid.num_buckets, quantized)
+    except (ValueError, RuntimeError) as e:
+        raise QuantStateError(f"the saved tdq state does not fit {model_name}: {e}") from e
+    saved_layers = {info["name"]: info for info in sidecar["layers"]}
+    for name in names:
+        if name not in saved_layers:
+            raise QuantStateError(
+                f"the saved tdq state does not fit {model_name}: first mismatched layer {name!r} is quantized in the "
+                "model but absent from the saved state"
+            )
+    name_set = set(names)
+    for name in saved_layers:
+        if name not in name_set:
+            raise QuantStateError(
+                f"the saved tdq state does not fit {model_name}: first mismatched layer {name!r} is in the saved "
+                "state but is not a quantizable layer of the model"
+            )
+
+    # 2. every tensor in model order: names, shapes, dtypes; quantized weights are stored as their codes.
+    checked: set[str] = set()
+    for key, (shape, _) in expected.items():
+        layer = _layer_of_key(key, name_set)
+        dtype = None
+        if layer in name_set and key == layer + ".weight":
+            info = saved_layers[layer]
+            if list(shape) != list(info["weight_shape"]):
+                raise QuantStateError(
+                    f"the saved tdq state does not fit {model_name}: first mismatched layer {layer!r} has weight "
+                    f"shape {list(info['weight_shape'])} in the saved state and {list(shape)} in the model"
+                )
+            if info["code_layout"] != "float":
+                layout = info["code_layout"]
+                key = layer + CODES_SUFFIX
+                shape = _codes_shape(layout, int(info["code_rows"]), int(info["code_cols"]))
+                dtype = _codes_dtype(layout)
+        if not include_float and layer not in name_set:
+            continue
+        checked.add(key)
+        if key not in tensors:
+            raise QuantStateError(
+                f"the saved tdq state does not fit {model_name}: first mismatched layer {layer!r}: tensor {key!r} is "
+                "missing from the saved state"
+            )
+        t = tensors[key]
+        if tuple(t.shape) != tuple(shape):
+            raise QuantStateError(
+                f"the saved tdq state does not fit {model_name}: first mismatched layer {layer!r}: tensor {key!r} has "
+                f"shape {list(t.shape)} in the saved state and {list(shape)} in the model"
+            )
+        if dtype is not None and t.dtype != dtype:
+            raise QuantStateError(
+                f"tdq state is corrupted: codes {key!r} have dtype {t.dtype}, expected {dtype}"
+            )
+    extra = [k for k in tensors if k not in checked]
+    if extra:
+        raise QuantStateError(
+            f"the saved tdq state does not fit {model_name}: first mismatched layer "
+            f"{_layer_of_key(extra[0], name_set)!r}: tensor {extra[0]!r} is not in the model"
+        )
+
+    # 3. the sidecar's bit schedule must agree with the tensors.
+    for name in names:
+        info = saved_layers[name]
+        wbits = int(tensors[f"{name}.weight_quantizer.bits"])
+        abits = [int(b) for b in tensors[f"{name}.act_quantizer.bits"]]
+        if wbits != int(info["weight_bits"]) or abits != [int(b) for b in info["act_bits"]]:
+            raise QuantStateError(
+                f"tdq state is corrupted: layer {name!r} has bits W{wbits}/A{abits} in {STATE_FILE} but "
+                f"W{info['weight_bits']}/A{info['act_bits']} in {CONFIG_FILE}"
+            )
+        if info["code_layout"] != "float" and info["code_layout"] != _code_layout(
+            wbits, config.layer_specs(name)[0].symmetric
+        ):
+            raise QuantStateError(
+                f"tdq state is corrupted: layer {name!r} has code layout {info['code_layout']!r}"
+            )
+
+    # 4. build the state dict to load: dequantize the codes in the dtype they were saved from.
+    load: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if not key.endswith(CODES_SUFFIX):
+            load[key] = t
+    modules = dict(model.named_modules())
+    for name in names:
+        info = saved_layers[name]
+        if info["code_layout"] == "float":
+            continue
+        gran = info["granularity"]
+        codes = _unpack_codes(
+            tensors[name + CODES_SUFFIX], info["code_layout"], int(info["code_rows"]), int(info["code_cols"])
+        )
+        weight = _dequantize_weight(
+            codes,
+            tensors[f"{name}.weight_quantizer.scale"],
+            tensors[f"{name}.weight_quantizer.zero_point"],
+            tuple(info["weight_shape"]),
+            gran,
+            _dtype_from_name(info["weight_dtype"]),
+        )
+        load[name + ".weight"] = weight.to(modules[name].weight.dtype)
+
+    # 5. mutate: quantize (if needed) and load. Everything above was checked, so this does not fail half-way.
+    if not quantized:
+        quantize_(model, config, adapter=adapter)
+    missing, unexpected = model.load_state_dict(load, strict=False)
+    if unexpected or (include_float and missing):
+        raise RuntimeError(  # pragma: no cover - guarded by the checks above
+            f"internal error loading tdq state: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for _, m in iter_quant_layers(model):
+        m._wq_cache = None
+        m.act_quantizer.mode = "quant"
+    return model

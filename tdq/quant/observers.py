@@ -36,16 +36,21 @@ class Observer:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Observe a tensor (non-finite values are ignored)."""
-        x = x.detach().float().reshape(-1)
-        x = x[torch.isfinite(x)]
+        x = x.detach().reshape(-1)
         if x.numel() == 0:
             return
-        mn, mx = x.min().cpu(), x.max().cpu()
+        mn, mx = torch.aminmax(x)
+        if not bool(torch.isfinite(mn) & torch.isfinite(mx)):  # rare: drop NaN/inf (a masked copy)
+            x = x[torch.isfinite(x)]
+            if x.numel() == 0:
+                return
+            mn, mx = torch.aminmax(x)
+        mn, mx = mn.float().cpu(), mx.float().cpu()
         self.min_val = mn if self.min_val is None else torch.minimum(self.min_val, mn)
         self.max_val = mx if self.max_val is None else torch.maximum(self.max_val, mx)
         self.count += 1
         if self.needs_samples:
-            self._add_samples(x)
+            self._add_samples(x.float())
 
     def _add_samples(self, x: torch.Tensor) -> None:
         # Keep a fixed-size uniform subsample of everything seen (reservoir over batches, weighted by batch size).

@@ -266,10 +266,18 @@ class TimestepActQuantizer(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def _bucket_params(self) -> list:
+        # Python-side per-bucket constants, so the hot path does no tensor indexing or device sync.
         if self._params is None:
             qmins, qmaxs = F.qrange(self.bits, self.spec.symmetric)
             self._params = [
-                (self.scale[k], self.zero_point[k], int(qmins[k]), int(qmaxs[k]))
+                (
+                    self.scale[k],
+                    self.zero_point[k],
+                    int(qmins[k]),
+                    int(qmaxs[k]),
+                    float(self.scale[k]),
+                    int(self.zero_point[k]),
+                )
                 for k in range(self.num_buckets)
             ]
         return self._params
@@ -294,9 +302,13 @@ class TimestepActQuantizer(nn.Module):
             )
         stochastic = self.spec.rounding == "stochastic" and self.training
         if ctx.bucket is not None:
-            scale, zp, qmin, qmax = self._bucket_params()[ctx.bucket]
+            scale, zp, qmin, qmax, scale_f, zp_i = self._bucket_params()[ctx.bucket]
             if qmax >= 2**15 - 1:  # 16-bit: numerically the identity at activation ranges
                 return x
+            if x.dtype == torch.float32 and not stochastic:
+                # PyTorch's fused kernel: same result as `F.fake_quantize` (tested), one pass instead of seven;
+                # NaN/inf inputs come out clamped to the range ends (finite).
+                return torch.fake_quantize_per_tensor_affine(x, scale_f, zp_i, qmin, qmax)
             return F.fake_quantize(x, scale.to(x.dtype), zp.to(x.dtype), qmin, qmax, stochastic)
         b = self._expand_buckets(ctx.buckets, x)
         shape = (-1,) + (1,) * (x.dim() - 1)

@@ -17,7 +17,14 @@ import torch
 import tdq
 from tdq.config import TDQConfig
 from tdq.models import ModelConfig, load_model
-from tdq.sampling import DiffusionSampler, make_scheduler
+from tdq.sampling import (
+    ConditionedForward,
+    DiffusionSampler,
+    LatentDiffusionSampler,
+    SampleResult,
+    make_sampler,
+    make_scheduler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +101,14 @@ class EvalConfig:
         num_real (`int`, *optional*): real images used (default: `num_samples`, so all FIDs have equal counts).
         feature_batch_size (`int`, *optional*, defaults to `32`): images per feature-extractor forward.
         kid_subsets (`int`, *optional*, defaults to `100`): KID subsets.
+        guidance_scale (`float`, *optional*): classifier-free guidance scale of conditional models for every sampler
+            of the run (FP, calibration, quantized); `None` takes `model.guidance_scale` (or the pipeline default).
+        prompt_template (`str`, *optional*): text-to-image prompt (`{}` = class name of the seed); `None` takes
+            `model.prompt_template`.
+        clip (`str`, *optional*, defaults to `"auto"`): CLIP for the CLIPScore of text-to-image samples: a local
+            `CLIPModel` + `CLIPProcessor` folder, `"none"`, or `"auto"` (the bundled in-domain `mnist-clip` for
+            text-to-image models named `mnist*`).
+        clip_batch_size (`int`, *optional*, defaults to `64`): images per CLIP forward.
     """
 
     num_samples: int = 16
@@ -112,6 +127,10 @@ class EvalConfig:
     num_real: int | None = None
     feature_batch_size: int = 32
     kid_subsets: int = 100
+    guidance_scale: float | None = None
+    prompt_template: str | None = None
+    clip: str = "auto"
+    clip_batch_size: int = 64
 
 
 @dataclass
@@ -190,6 +209,14 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
     `lpips_hist.png`, `sensitivity.{safetensors,json}`, `sensitivity_act.png`, `sensitivity_weight.png`,
     `schedule.json`, `schedule.png`, `config.json`.
 
+    Pixel models use [`~tdq.sampling.DiffusionSampler`]; latent conditional models (`model.kind` `"t2i"` /
+    `"class"`) use [`~tdq.sampling.LatentDiffusionSampler`]: sample `s` is conditioned on class `s % num_classes`
+    (text prompt `eval.prompt_template`), classifier-free guidance `eval.guidance_scale` in every sampler, the
+    trajectory and drift are in latent space, sensitivity is profiled on the FP model's own final latents with
+    each sample's conditioning, and only the denoiser is quantized (VAE and text encoder stay FP). Their report
+    has a `conditioning` section: class accuracy of FP and quantized samples w.r.t. the conditioned class (MNIST
+    judge), FP-vs-quantized class agreement and, for text-to-image, CLIPScore against the prompts.
+
     FP reference samples (eval seeds, noise-floor seeds, calibration seeds) and their features come from the
     reference cache (`tdq.eval.reference`) when present; the report's `reference_cache` section says which were
     hits. Under `accelerate launch` the samplers and feature extractors shard their seeds across processes (see
@@ -219,6 +246,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         feature_id,
         model_fingerprint,
         reference_spec,
+        state_dict_fingerprint,
     )
     from tdq.schedule import PrecisionBudget, plan_precision, plan_uniform, schedule_objective
     from tdq.sensitivity import profile_sensitivity
@@ -242,12 +270,26 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         m = load_model(cfg.model, device=str(device))
     denoiser = m.denoiser
     fingerprint = model_fingerprint(denoiser)  # of the float model, before quantization
+    latent = m.kind != "pixel"
+    # Everything besides the denoiser that changes FP samples (cache key).
+    spec_extra: dict[str, Any] = {}
+    if latent:
+        spec_extra["latent_shape"] = list(m.latent_shape)
+        spec_extra["vae"] = model_fingerprint(m.vae)
+        if m.text_encoder is not None:
+            # transformers configs are not mappings: class + weights identify the text encoder
+            spec_extra["text_encoder"] = (
+                type(m.text_encoder).__name__
+                + ":"
+                + state_dict_fingerprint(m.text_encoder.state_dict(), skip=None)
+            )
 
     def sampler(section, trajectory: bool = True) -> DiffusionSampler:
-        return DiffusionSampler(
-            denoiser,
+        return make_sampler(
+            m,
             make_scheduler(m.scheduler, section.scheduler),
-            m.sample_shape,
+            guidance_scale=ev.guidance_scale,
+            prompt_template=ev.prompt_template,
             num_inference_steps=section.num_inference_steps,
             batch_size=section.batch_size,
             device=device,
@@ -259,9 +301,16 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
     cache_report: dict[str, Any] = {"dir": str(cache.root) if cache else None}
 
     def fp_samples(section, seeds, trajectory, desc):
-        smp = sampler(section, trajectory)
-        spec = reference_spec(fingerprint, smp, seeds)
-        result, info = cached_samples(smp, seeds, spec, cache, state, desc=desc)
+        # latent models always keep the (small) latent trajectory: its last entry is the final latents, which
+        # profiling needs and which multi-process sampling gathers only through the trajectory
+        smp = sampler(section, trajectory or latent)
+        if isinstance(smp, LatentDiffusionSampler):
+            extra = {**spec_extra, "conditioning": smp.conditioning.describe()}
+            spec = reference_spec(fingerprint, smp, seeds, guidance_scale=smp.guidance_scale, extra=extra)
+            result, info = _cached_latent_samples(smp, seeds, spec, cache, state, desc=desc)
+        else:
+            spec = reference_spec(fingerprint, smp, seeds)
+            result, info = cached_samples(smp, seeds, spec, cache, state, desc=desc)
         return result, spec, info
 
     eval_seeds = list(range(ev.seed, ev.seed + ev.num_samples))
@@ -278,8 +327,15 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
             nf, nf_spec, info = fp_samples(ev, nf_seeds, False, "FP noise floor")
         cache_report["noise_floor_samples"] = info.to_dict()
 
-    # Feature extractors: Inception (FID/KID) and the domain judge when real data is given.
-    dataset = data_eval.resolve_dataset(ev.dataset, m.name, m.sample_shape)
+    # Feature extractors: Inception (FID/KID) and the domain judge when real data is given. They see the images
+    # after `model.crop` (latent MNIST models: 32x32 outputs cropped to the 28x28 digit, as real MNIST).
+    crop = int(m.crop)
+
+    def for_features(images: torch.Tensor) -> torch.Tensor:
+        return images[..., crop : images.shape[-2] - crop, crop : images.shape[-1] - crop] if crop else images
+
+    suffix = f"-crop{crop}" if crop else ""
+    dataset = data_eval.resolve_dataset(ev.dataset, m.name, m.eval_shape)
     extractors: dict[str, tuple[torch.nn.Module, str]] = {}
     if ev.feature not in ("none", "inception"):
         raise ValueError(f"eval.feature={ev.feature!r} is unknown; choose 'inception' or 'none'")
@@ -287,17 +343,23 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         from tdq.eval.features import InceptionFeatures
 
         net = InceptionFeatures(cache_dir=ev.assets_dir).to(device)
-        extractors["inception"] = (net, feature_id("inception_v3_tf_pool3", net))
+        extractors["inception"] = (net, feature_id("inception_v3_tf_pool3" + suffix, net))
     judge = None
-    if dataset is not None and data_eval.judge_applies(dataset, m.sample_shape):
+    if dataset is not None and data_eval.judge_applies(dataset, m.eval_shape):
         judge, judge_feat, judge_name = data_eval.load_domain_judge(dataset, device)
-        extractors["judge"] = (judge_feat, feature_id(judge_name, judge_feat))
+        extractors["judge"] = (judge_feat, feature_id(judge_name + suffix, judge_feat))
 
-    def fp_features(images, spec, label):
+    def fp_features(images, spec, label, real: bool = False):
         out = {}
         for key, (net, fid) in extractors.items():
             out[key], info = cached_features(
-                images, net, fid, spec, cache, state, batch_size=ev.feature_batch_size
+                images if real else for_features(images),
+                net,
+                fid,
+                spec,
+                cache,
+                state,
+                batch_size=ev.feature_batch_size,
             )
             cache_report.setdefault("features", {})[f"{label}/{key}"] = info.status
         return out
@@ -308,15 +370,26 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         real_feats, real_labels, real_images = {}, None, None
         if dataset is not None:
             real_images, real_labels = data_eval.load_dataset_images(dataset, ev.num_real or ev.num_samples)
-            real_feats = fp_features(real_images, data_eval.data_spec(dataset, real_images), "data")
+            real_feats = fp_features(
+                real_images, data_eval.data_spec(dataset, real_images), "data", real=True
+            )
 
     # Sensitivity profile and precision schedule (on the FP model; every process computes them, main's wins).
     profile = schedule = None
     if cfg.schedule.planner != "none":
         with timer("fp_sampling_for_profile"):
+            # latent models: the FP model's own final latents (the trajectory's last entry), with their conditioning
             calib_fp, _, info = fp_samples(cfg.calibration, calib_seeds, False, "FP samples for profiling")
-            x0 = calib_fp.images * 2 - 1
+            if latent:
+                x0 = calib_fp.latents if calib_fp.latents is not None else calib_fp.trajectory[-1]
+            else:
+                x0 = calib_fp.images * 2 - 1
         cache_report["profile_samples"] = info.to_dict()
+        forward_fn = None
+        if latent:
+            forward_fn = ConditionedForward(
+                sampler(cfg.calibration, trajectory=False), calib_seeds, cfg.schedule.samples_per_bucket
+            )
         with timer("sensitivity"):
             profile = profile_sensitivity(
                 denoiser,
@@ -326,6 +399,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
                 config=cfg.quant,
                 samples_per_bucket=cfg.schedule.samples_per_bucket,
                 batch_size=cfg.schedule.batch_size,
+                forward_fn=forward_fn,
                 progress=progress,
             )
         if main:
@@ -371,10 +445,16 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
             sampler(cfg.calibration, trajectory=False)(calib_seeds, desc="calibration")
         sync_buffers(denoiser, state)
     with timer("quant_sampling"):
-        q = distributed_sample(sampler(ev), eval_seeds, state, desc="quantized")
+        q_sampler = sampler(ev)
+        if isinstance(q_sampler, LatentDiffusionSampler):
+            q = _distributed_latent_sample(q_sampler, eval_seeds, state, desc="quantized")
+        else:
+            q = distributed_sample(q_sampler, eval_seeds, state, desc="quantized")
     with timer("quant_features"):
         q_feats = {
-            key: distributed_extract_features(q.images, net, state, batch_size=ev.feature_batch_size)
+            key: distributed_extract_features(
+                for_features(q.images), net, state, batch_size=ev.feature_batch_size
+            )
             for key, (net, _) in extractors.items()
         }
 
@@ -406,18 +486,36 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
                 real_feats,
                 real_labels,
                 real_images,
-                fp,
-                q,
-                nf,
+                _cropped(fp, for_features),
+                _cropped(q, for_features),
+                _cropped(nf, for_features) if nf is not None else None,
                 fp_feats,
                 nf_feats,
                 q_feats,
                 judge,
                 kid_kw,
             )
+    cond_section = None
+    if latent:
+        with timer("conditional_metrics"):
+            cond_section = _conditioning_section(
+                m,
+                sampler(ev, trajectory=False),
+                eval_seeds,
+                for_features(fp.images),
+                for_features(q.images),
+                fp.images,
+                q.images,
+                judge,
+                ev,
+                device,
+            )
 
+    model_info: dict[str, Any] = {"name": m.name, "source": m.source, "sample_shape": list(m.sample_shape)}
+    if latent:
+        model_info.update(kind=m.kind, latent_shape=list(m.latent_shape), crop=crop)
     report: dict[str, Any] = {
-        "model": {"name": m.name, "source": m.source, "sample_shape": list(m.sample_shape)},
+        "model": model_info,
         "num_samples": len(eval_seeds),
         "eval": {
             "scheduler": ev.scheduler,
@@ -437,6 +535,8 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         report["noise_floor"] = noise_floor
     if data_section is not None:
         report["data"] = data_section
+    if cond_section is not None:
+        report["conditioning"] = cond_section
     if schedule is not None:
         report["schedule"] = {
             "planner": cfg.schedule.planner,
@@ -462,6 +562,159 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         written["md"].write_text(head.rstrip("\n") + "\n\n" + sections + (sep + figs if sep else ""))
     state.wait_for_everyone()
     return json.loads((run_dir / "report.json").read_text())
+
+
+def _cropped(result: SampleResult, fn) -> SampleResult:
+    return SampleResult(images=fn(result.images), seeds=result.seeds)
+
+
+def _cached_latent_samples(
+    sampler: LatentDiffusionSampler, seeds: list[int], spec: dict[str, Any], cache: Any, state: Any, desc: str
+) -> tuple[SampleResult, Any]:
+    """`tdq.eval.reference.cached_samples` for latent samplers: images `[N, *sample_shape]`, trajectory
+    `[steps, N, *latent_shape]` and final latents `[N, *latent_shape]` (broadcast to every process on a hit)."""
+    from tdq.eval.distributed import broadcast_flag, broadcast_tensor
+    from tdq.eval.reference import CacheInfo
+
+    n, shape, lshape = len(seeds), tuple(sampler.sample_shape), tuple(sampler.latent_shape)
+    steps = len(sampler.timesteps())
+    with_traj = bool(sampler.record_trajectory)
+    main = state is None or state.is_main_process
+    result, info = None, CacheInfo("disabled")
+    if cache is not None and main:
+        expected: dict[str, Any] = {"images": [n, *shape], "latents": [n, *lshape], "timesteps": [steps]}
+        if with_traj:
+            expected["trajectory"] = [steps, n, *lshape]
+        tensors, info = cache.read(spec, "samples", expected)
+        if tensors is not None:
+            result = SampleResult(
+                images=tensors["images"],
+                trajectory=list(tensors["trajectory"].unbind(0)) if with_traj else [],
+                timesteps=[float(t) for t in tensors["timesteps"].tolist()],
+                seeds=seeds,
+                latents=tensors["latents"],
+            )
+    if cache is not None and broadcast_flag(result is not None, state):
+        if state is not None and state.num_processes > 1:
+            images = broadcast_tensor(
+                None if result is None else result.images, (n, *shape), torch.float32, state
+            )
+            latents = broadcast_tensor(
+                None if result is None else result.latents, (n, *lshape), torch.float32, state
+            )
+            if result is None:
+                result = SampleResult(
+                    images=images, timesteps=sampler.timesteps(), seeds=seeds, latents=latents
+                )
+        return result, info
+    result = _distributed_latent_sample(sampler, seeds, state, desc=desc)
+    if cache is not None and main:
+        tensors = {
+            "images": result.images,
+            "latents": result.latents,
+            "timesteps": torch.tensor(result.timesteps, dtype=torch.float64),
+        }
+        if with_traj:
+            tensors["trajectory"] = torch.stack(result.trajectory)
+        cache.write(spec, "samples", tensors)
+    return result, info
+
+
+def _distributed_latent_sample(
+    sampler: LatentDiffusionSampler, seeds: list[int], state: Any, desc: str
+) -> SampleResult:
+    """`tdq.eval.distributed.distributed_sample` for latent samplers: images `[N, *sample_shape]`, trajectory and
+    final latents `[N, *latent_shape]` (also on processes whose shard is empty), gathered on every process."""
+    from tdq.eval.distributed import gather_rows, shard_batches
+
+    seeds = [int(s) for s in seeds]
+    if state is None or state.num_processes == 1:
+        return sampler(seeds, desc=desc)
+    local = shard_batches(seeds, sampler.batch_size, state)
+    timesteps = sampler.timesteps()
+    steps = len(timesteps) if sampler.record_trajectory else 0
+    lshape = tuple(sampler.latent_shape)
+    if local:
+        part = sampler(local, desc=f"{desc} [{state.process_index}]")
+        images, latents = part.images, part.latents
+        traj = torch.stack(part.trajectory, dim=1) if steps else torch.zeros(len(local), 0)
+    else:
+        images = torch.zeros((0, *sampler.sample_shape))
+        latents = torch.zeros((0, *lshape))
+        traj = torch.zeros((0, steps, *lshape)) if steps else torch.zeros(0, 0)
+    trajectory = list(gather_rows(traj, state).unbind(1)) if steps else []
+    return SampleResult(
+        images=gather_rows(images, state),
+        trajectory=trajectory,
+        timesteps=timesteps,
+        seeds=seeds,
+        latents=gather_rows(latents, state),
+    )
+
+
+def _conditioning_section(
+    m, smp: LatentDiffusionSampler, seeds, fp_eval, q_eval, fp_images, q_images, judge, ev, device
+) -> dict[str, Any]:
+    """Class accuracy (judge) w.r.t. the conditioned class, FP-vs-quantized agreement and CLIPScore (text)."""
+    from tdq.eval import data as data_eval
+
+    cond = smp.conditioning
+    labels = cond.labels(seeds)
+    out: dict[str, Any] = {
+        "kind": m.kind,
+        "guidance_scale": smp.guidance_scale,
+        "class_names": cond.class_names,
+        "label_rule": "class = seed % num_classes",
+        "labels_histogram": torch.bincount(torch.tensor(labels), minlength=cond.num_classes).tolist(),
+    }
+    if m.kind == "t2i":
+        out["prompt_template"] = cond.prompt_template
+    if (
+        judge is None
+        and m.name.lower().startswith("mnist")
+        and data_eval.judge_applies("mnist-test", m.eval_shape)
+    ):
+        judge = data_eval.load_domain_judge("mnist-test", device)[0]
+    if judge is not None:
+        y = torch.tensor(labels)
+        fp_c = data_eval.class_metrics(fp_eval, judge, y)
+        q_c = data_eval.class_metrics(q_eval, judge, y)
+        fp_pred, q_pred = fp_c.pop("predictions"), q_c.pop("predictions")
+        keep = ("accuracy", "mean_confidence", "class_entropy_bits")
+        out["judge"] = {
+            "fp": {k: fp_c[k] for k in keep},
+            "quantized": {k: q_c[k] for k in keep},
+            "class_agreement_fp_vs_quantized": sum(a == b for a, b in zip(fp_pred, q_pred, strict=True))
+            / max(1, len(fp_pred)),
+        }
+    else:
+        out["judge"] = None
+        out["judge_skipped"] = f"no judge for {m.name!r} images of shape {list(m.eval_shape)}"
+    clip_dir = _resolve_clip(ev.clip, m)
+    if clip_dir is not None:
+        from tdq.eval.clip import clip_score, load_clip
+
+        clip = load_clip(clip_dir)
+        prompts = cond.prompts(seeds)
+        out["clip_score"] = {
+            "clip": str(clip_dir),
+            "fp": clip_score(fp_images, prompts, clip, batch_size=ev.clip_batch_size),
+            "quantized": clip_score(q_images, prompts, clip, batch_size=ev.clip_batch_size),
+        }
+    return out
+
+
+def _resolve_clip(name: str | None, m) -> str | None:
+    if name is None or name == "none" or m.kind != "t2i":
+        return None
+    if name == "auto":
+        if not m.name.lower().startswith("mnist"):
+            return None
+        from tdq import zoo
+
+        folder = zoo.CHECKPOINT_ROOT / "mnist-clip"
+        return str(folder) if (folder / "config.json").is_file() else None
+    return name
 
 
 def _dist_short(d: dict[str, Any]) -> dict[str, Any]:
@@ -582,6 +835,29 @@ def _markdown_sections(report: dict[str, Any]) -> str:
                 "",
                 f"Same predicted digit for FP and quantized (same seed): "
                 f"{_f(j['class_agreement_fp_vs_quantized'])}.",
+            ]
+        lines.append("")
+    cond = report.get("conditioning")
+    if cond:
+        lines += [
+            f"## Conditioning ({cond['kind']}, guidance scale {_f(cond['guidance_scale'])})",
+            "",
+            f"Sample of seed `s` is conditioned on class `s % {len(cond['class_names'])}`"
+            + (f", prompt `{cond['prompt_template']}`." if cond.get("prompt_template") else "."),
+            "",
+            "| set | class accuracy (judge) | mean confidence | CLIPScore |",
+            "|---|---|---|---|",
+        ]
+        j, c = cond.get("judge") or {}, cond.get("clip_score") or {}
+        for label in ("fp", "quantized"):
+            lines.append(
+                f"| {label} | {_f((j.get(label) or {}).get('accuracy'))} | "
+                f"{_f((j.get(label) or {}).get('mean_confidence'))} | {_f(c.get(label))} |"
+            )
+        if j:
+            lines += [
+                "",
+                f"Same judged digit for FP and quantized: {_f(j['class_agreement_fp_vs_quantized'])}.",
             ]
         lines.append("")
     cache = report.get("reference_cache")

@@ -757,7 +757,8 @@ def _data_section(
         q_c = class_metrics(q.images, judge)
         agree = [a == b for a, b in zip(fp_c.pop("predictions"), q_c.pop("predictions"), strict=True)]
         real_c.pop("predictions")
-        out["judge"] = {
+        # "judge" holds the distribution metrics in the judge's feature space; the classifier's verdicts go here.
+        out["judge_classes"] = {
             "real": real_c,
             "fp": fp_c,
             "quantized": q_c,
@@ -766,7 +767,7 @@ def _data_section(
         if nf is not None:
             nf_c = class_metrics(nf.images, judge)
             nf_c.pop("predictions")
-            out["judge"]["fp_other_seeds"] = nf_c
+            out["judge_classes"]["fp_other_seeds"] = nf_c
     return out
 
 
@@ -817,7 +818,7 @@ def _markdown_sections(report: dict[str, Any]) -> str:
                     lines.append(
                         f"| {key} | {label} | {_f(d.get('fid'))} | {_f(d.get('kid_mean'))} ± {_f(d.get('kid_std'))} |"
                     )
-        j = data.get("judge")
+        j = data.get("judge_classes")
         if j:
             lines += [
                 "",

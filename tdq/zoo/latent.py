@@ -49,6 +49,7 @@ __all__ = [
     "build_dit",
     "build_scheduler",
     "crop28",
+    "load_mnist_clip",
     "train_stage",
     "main",
 ]
@@ -139,7 +140,7 @@ STAGE_CONFIGS: dict[str, dict] = {
             "attention_head_dim": 4,
             "norm_num_groups": 8,
         },
-        "steps": 5500,
+        "steps": 4000,
         "batch_size": 64,
         "lr": 1e-3,
         "min_lr_ratio": 0.05,
@@ -161,7 +162,7 @@ STAGE_CONFIGS: dict[str, dict] = {
             "num_embeds_ada_norm": 1000,  # DiTPipeline hard-codes class 1000 as the null (CFG) class
             "dropout": 0.0,
         },
-        "steps": 8000,
+        "steps": 4800,
         "batch_size": 128,
         "lr": 5e-4,
         "min_lr_ratio": 0.05,
@@ -391,6 +392,35 @@ def crop28(images: torch.Tensor) -> torch.Tensor:
         `torch.Tensor`: ``[N, C, 28, 28]``.
     """
     return images[..., 2:30, 2:30]
+
+
+def load_mnist_clip(path: str | Path | None = None):
+    r"""
+    Load the tiny in-domain CLIP (``tdq/zoo/checkpoints/mnist-clip``) and its processor, offline.
+
+    The returned model's ``get_image_features`` / ``get_text_features`` return plain projected tensors (as in
+    transformers 4.x), so the pair works as torchmetrics' callable form:
+    ``CLIPScore(model_name_or_path=tdq.zoo.latent.load_mnist_clip)``. Images are 32x32 (MNIST padded by 2 px),
+    white digit on black, any RGB/uint8 input the ``CLIPImageProcessor`` accepts.
+
+    Args:
+        path (`str` or `pathlib.Path`, *optional*): checkpoint directory; defaults to the packaged one.
+
+    Returns:
+        `tuple[transformers.CLIPModel, transformers.CLIPProcessor]`: model (eval mode) and processor.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    class _TensorFeaturesCLIP(CLIPModel):
+        def get_image_features(self, *args, **kwargs):
+            return _pooled(super().get_image_features(*args, **kwargs))
+
+        def get_text_features(self, *args, **kwargs):
+            return _pooled(super().get_text_features(*args, **kwargs))
+
+    d = Path(path) if path is not None else CHECKPOINT_ROOT / "mnist-clip"
+    model = _TensorFeaturesCLIP.from_pretrained(d, local_files_only=True).eval()
+    return model, CLIPProcessor.from_pretrained(d, local_files_only=True)
 
 
 # ------------------------------------------------------------------------------------------- utilities

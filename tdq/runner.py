@@ -307,10 +307,9 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         if isinstance(smp, LatentDiffusionSampler):
             extra = {**spec_extra, "conditioning": smp.conditioning.describe()}
             spec = reference_spec(fingerprint, smp, seeds, guidance_scale=smp.guidance_scale, extra=extra)
-            result, info = _cached_latent_samples(smp, seeds, spec, cache, state, desc=desc)
         else:
             spec = reference_spec(fingerprint, smp, seeds)
-            result, info = cached_samples(smp, seeds, spec, cache, state, desc=desc)
+        result, info = cached_samples(smp, seeds, spec, cache, state, desc=desc)
         return result, spec, info
 
     eval_seeds = list(range(ev.seed, ev.seed + ev.num_samples))
@@ -445,11 +444,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
             sampler(cfg.calibration, trajectory=False)(calib_seeds, desc="calibration")
         sync_buffers(denoiser, state)
     with timer("quant_sampling"):
-        q_sampler = sampler(ev)
-        if isinstance(q_sampler, LatentDiffusionSampler):
-            q = _distributed_latent_sample(q_sampler, eval_seeds, state, desc="quantized")
-        else:
-            q = distributed_sample(q_sampler, eval_seeds, state, desc="quantized")
+        q = distributed_sample(sampler(ev), eval_seeds, state, desc="quantized")
     with timer("quant_features"):
         q_feats = {
             key: distributed_extract_features(
@@ -566,90 +561,6 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
 
 def _cropped(result: SampleResult, fn) -> SampleResult:
     return SampleResult(images=fn(result.images), seeds=result.seeds)
-
-
-def _cached_latent_samples(
-    sampler: LatentDiffusionSampler, seeds: list[int], spec: dict[str, Any], cache: Any, state: Any, desc: str
-) -> tuple[SampleResult, Any]:
-    """`tdq.eval.reference.cached_samples` for latent samplers: images `[N, *sample_shape]`, trajectory
-    `[steps, N, *latent_shape]` and final latents `[N, *latent_shape]` (broadcast to every process on a hit)."""
-    from tdq.eval.distributed import broadcast_flag, broadcast_tensor
-    from tdq.eval.reference import CacheInfo
-
-    n, shape, lshape = len(seeds), tuple(sampler.sample_shape), tuple(sampler.latent_shape)
-    steps = len(sampler.timesteps())
-    with_traj = bool(sampler.record_trajectory)
-    main = state is None or state.is_main_process
-    result, info = None, CacheInfo("disabled")
-    if cache is not None and main:
-        expected: dict[str, Any] = {"images": [n, *shape], "latents": [n, *lshape], "timesteps": [steps]}
-        if with_traj:
-            expected["trajectory"] = [steps, n, *lshape]
-        tensors, info = cache.read(spec, "samples", expected)
-        if tensors is not None:
-            result = SampleResult(
-                images=tensors["images"],
-                trajectory=list(tensors["trajectory"].unbind(0)) if with_traj else [],
-                timesteps=[float(t) for t in tensors["timesteps"].tolist()],
-                seeds=seeds,
-                latents=tensors["latents"],
-            )
-    if cache is not None and broadcast_flag(result is not None, state):
-        if state is not None and state.num_processes > 1:
-            images = broadcast_tensor(
-                None if result is None else result.images, (n, *shape), torch.float32, state
-            )
-            latents = broadcast_tensor(
-                None if result is None else result.latents, (n, *lshape), torch.float32, state
-            )
-            if result is None:
-                result = SampleResult(
-                    images=images, timesteps=sampler.timesteps(), seeds=seeds, latents=latents
-                )
-        return result, info
-    result = _distributed_latent_sample(sampler, seeds, state, desc=desc)
-    if cache is not None and main:
-        tensors = {
-            "images": result.images,
-            "latents": result.latents,
-            "timesteps": torch.tensor(result.timesteps, dtype=torch.float64),
-        }
-        if with_traj:
-            tensors["trajectory"] = torch.stack(result.trajectory)
-        cache.write(spec, "samples", tensors)
-    return result, info
-
-
-def _distributed_latent_sample(
-    sampler: LatentDiffusionSampler, seeds: list[int], state: Any, desc: str
-) -> SampleResult:
-    """`tdq.eval.distributed.distributed_sample` for latent samplers: images `[N, *sample_shape]`, trajectory and
-    final latents `[N, *latent_shape]` (also on processes whose shard is empty), gathered on every process."""
-    from tdq.eval.distributed import gather_rows, shard_batches
-
-    seeds = [int(s) for s in seeds]
-    if state is None or state.num_processes == 1:
-        return sampler(seeds, desc=desc)
-    local = shard_batches(seeds, sampler.batch_size, state)
-    timesteps = sampler.timesteps()
-    steps = len(timesteps) if sampler.record_trajectory else 0
-    lshape = tuple(sampler.latent_shape)
-    if local:
-        part = sampler(local, desc=f"{desc} [{state.process_index}]")
-        images, latents = part.images, part.latents
-        traj = torch.stack(part.trajectory, dim=1) if steps else torch.zeros(len(local), 0)
-    else:
-        images = torch.zeros((0, *sampler.sample_shape))
-        latents = torch.zeros((0, *lshape))
-        traj = torch.zeros((0, steps, *lshape)) if steps else torch.zeros(0, 0)
-    trajectory = list(gather_rows(traj, state).unbind(1)) if steps else []
-    return SampleResult(
-        images=gather_rows(images, state),
-        trajectory=trajectory,
-        timesteps=timesteps,
-        seeds=seeds,
-        latents=gather_rows(latents, state),
-    )
 
 
 def _conditioning_section(

@@ -219,16 +219,24 @@ def distributed_sample(
     local = shard_batches(seeds, sampler.batch_size, state)
     timesteps = sampler.timesteps()
     steps = len(timesteps) if sampler.record_trajectory else 0
+    # Latent samplers keep the trajectory and final latents in latent space; pixel samplers in image space.
+    latent = hasattr(sampler, "latent_shape")
+    tshape = tuple(sampler.latent_shape) if latent else tuple(sampler.sample_shape)
     if local:
         part = sampler(local, desc=f"{desc} [{state.process_index}]")
-        images = part.images
+        images, latents = part.images, part.latents
         traj = torch.stack(part.trajectory, dim=1) if steps else torch.zeros(len(local), 0)
-    else:
+    else:  # an empty shard still takes part in every gather, with correctly shaped empty tensors
         images = torch.zeros((0, *sampler.sample_shape))
-        traj = torch.zeros((0, steps, *sampler.sample_shape)) if steps else torch.zeros(0, 0)
-    images = gather_rows(images, state)
-    trajectory = list(gather_rows(traj, state).unbind(1)) if steps else []
-    return SampleResult(images=images, trajectory=trajectory, timesteps=timesteps, seeds=seeds)
+        latents = torch.zeros((0, *tshape))
+        traj = torch.zeros((0, steps, *tshape)) if steps else torch.zeros(0, 0)
+    return SampleResult(
+        images=gather_rows(images, state),
+        trajectory=list(gather_rows(traj, state).unbind(1)) if steps else [],
+        timesteps=timesteps,
+        seeds=seeds,
+        latents=gather_rows(latents, state) if latent else None,
+    )
 
 
 def distributed_extract_features(

@@ -446,13 +446,18 @@ def cached_samples(
 
     seeds = [int(s) for s in seeds]
     n, shape = len(seeds), tuple(sampler.sample_shape)
+    # Latent samplers also return final latents; their trajectory lives in latent space.
+    latent = hasattr(sampler, "latent_shape")
+    tshape = tuple(sampler.latent_shape) if latent else shape
     steps = len(sampler.timesteps())
     with_traj = bool(spec.get("trajectory", sampler.record_trajectory))
     result, info = None, CacheInfo("disabled")
     if cache is not None and _is_main(state):
         expected: dict[str, Any] = {"images": [n, *shape], "timesteps": [steps]}
+        if latent:
+            expected["latents"] = [n, *tshape]
         if with_traj:
-            expected["trajectory"] = [steps, n, *shape]
+            expected["trajectory"] = [steps, n, *tshape]
         tensors, info = cache.read(spec, "samples", expected)
         if tensors is not None:
             result = SampleResult(
@@ -460,17 +465,25 @@ def cached_samples(
                 trajectory=list(tensors["trajectory"].unbind(0)) if with_traj else [],
                 timesteps=[float(t) for t in tensors["timesteps"].tolist()],
                 seeds=seeds,
+                latents=tensors.get("latents"),
             )
     if cache is not None and broadcast_flag(result is not None, state):
         images = broadcast_tensor(
             None if result is None else result.images, (n, *shape), torch.float32, state
         )
+        latents = None
+        if latent:
+            latents = broadcast_tensor(
+                None if result is None else result.latents, (n, *tshape), torch.float32, state
+            )
         if result is None:
-            result = SampleResult(images=images, timesteps=sampler.timesteps(), seeds=seeds)
+            result = SampleResult(images=images, timesteps=sampler.timesteps(), seeds=seeds, latents=latents)
         return result, info
     result = distributed_sample(sampler, seeds, state, desc=desc)
     if cache is not None and _is_main(state):
         tensors = {"images": result.images, "timesteps": torch.tensor(result.timesteps, dtype=torch.float64)}
+        if latent:
+            tensors["latents"] = result.latents
         if with_traj:
             tensors["trajectory"] = torch.stack(result.trajectory)
         cache.write(spec, "samples", tensors)

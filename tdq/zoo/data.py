@@ -120,7 +120,7 @@ def mnist_pickle_path() -> Path:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("TDQ_CACHE", Path.home() / ".cache" / "tdq"))
+    return Path.home() / ".cache" / "tdq"
 
 
 def _load_all() -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 CHECKPOINT_ROOT = Path(__file__).resolve().parent / "checkpoints"
-DEFAULT_ROOT = Path(os.environ.get("TDQ_CACHE", Path.home() / ".cache" / "tdq")) / "zoo_runs" / "latent"
+DEFAULT_ROOT = Path.home() / ".cache" / "tdq" / "zoo_runs" / "latent"  # --root overrides
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: caption templates; ``{}`` is filled with a digit word ("seven") or a numeral ("7")

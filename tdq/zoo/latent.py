@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tdq.zoo.train import _batch_indices, _ckpt_dirs, _lr_at, ema_update_
+
 __all__ = [
     "DIGIT_WORDS",
     "TEMPLATES",
@@ -426,29 +428,6 @@ def load_mnist_clip(path: str | Path | None = None):
 # ------------------------------------------------------------------------------------------- utilities
 
 
-def _lr_at(step: int, cfg: dict) -> float:
-    base, warm, total = cfg["lr"], cfg["warmup"], max(cfg["steps"], cfg["warmup"] + 1)
-    if step < warm:
-        return base * (step + 1) / warm
-    frac = min(1.0, (step - warm) / (total - warm))
-    lo = cfg["min_lr_ratio"]
-    return base * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def _batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
-    per_epoch = n // batch
-    epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[pos * batch : (pos + 1) * batch]
-
-
-def _ckpt_dirs(out: Path) -> list[Path]:
-    root = out / "ckpt"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / "state.json").is_file())
-
-
 def _sd(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
 
@@ -567,12 +546,7 @@ def _loop(
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         step += 1
-        decay = min(cfg["ema_decay"], (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-            for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
-                be.copy_(bm)
+        ema_update_(ema, model, step, cfg["ema_decay"])
         dt = time.perf_counter() - t0
         seconds += dt
         lv = float(loss.detach())

@@ -204,6 +204,16 @@ def _info(name: str, state: dict) -> dict:
     }
 
 
+@torch.no_grad()
+def ema_update_(ema, model, step: int, max_decay: float) -> None:
+    """Move `ema`'s parameters toward `model`'s (decay warms up as `(1 + step) / (10 + step)`); copy buffers."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(pm, 1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
+        be.copy_(bm)
+
+
 def _batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
     """Indices of the batch for global ``step``: a fresh permutation per epoch, seeded by ``(seed, epoch)``."""
     per_epoch = n // batch
@@ -325,12 +335,7 @@ def train(
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         step += 1
-        decay = min(cfg["ema_decay"], (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-            for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
-                be.copy_(bm)
+        ema_update_(ema, model, step, cfg["ema_decay"])
         dt = time.perf_counter() - t0
         seconds += dt
         lv = float(loss.detach())

@@ -80,7 +80,8 @@ class QuantMixin:
             w.data_ptr(),
             w._version,
             w.dtype,
-            int(self.weight_quantizer.bits),
+            # version counters, not values: no device sync on the hot path (set_bits/calibrate_ bump them)
+            self.weight_quantizer.bits._version,
             self.weight_quantizer.scale._version,
         )
         if self._wq_cache is None or self._wq_cache[0] != key:

@@ -29,6 +29,8 @@ demo: install assets
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	# the layer contract of docs/architecture.md (pyproject.toml [tool.importlinter])
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format .

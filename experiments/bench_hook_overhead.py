@@ -25,7 +25,7 @@ from tdq import testing
 def _model(name: str):
     if name == "tiny":
         return testing.tiny_unet2d(sample_size=28, block_out_channels=(32, 64)), (1, 28, 28)
-    from tdq.models import ModelConfig, load_model
+    from tdq.run.models import ModelConfig, load_model
 
     m = load_model(ModelConfig(name=name, source="zoo"))
     return m.denoiser, m.sample_shape
@@ -54,7 +54,7 @@ def main() -> None:
     with torch.no_grad(), tdq.calibration(model):
         for tt in range(0, 1000, 100):
             model(x, torch.tensor(tt))
-    state = tdq.get_state(model)
+    state = tdq.get_quantization(model)
     bucket = int(state.grid.bucket(500.0))
 
     def hooked():

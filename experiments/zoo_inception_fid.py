@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from tdq.eval.data import frechet_distance, load_dataset_images, load_domain_judge
 from tdq.eval.features import InceptionFeatures
 from tdq.eval.metrics import extract_features
-from tdq.models import ModelConfig, load_model
+from tdq.run.models import ModelConfig, load_model
 from tdq.sampling import make_sampler, make_scheduler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tdq" / "configs" / "model"

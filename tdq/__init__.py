@@ -1,16 +1,13 @@
 """tdq: timestep-aware quantization for diffusion models."""
 
+from tdq._version import __version__ as __version__
 from tdq.adapters import TimestepAdapter, TimestepArgumentError, get_adapter
-from tdq.config import ConfigError, LayerOverride, QuantSpec, TDQConfig, TimestepGrid
-from tdq.hooks import TimestepHook
-from tdq.pipelines.wrap import wrap
-from tdq.quant import NotCalibratedError, QuantConv2d, QuantLinear, TimestepActQuantizer, WeightQuantizer
-from tdq.quantize import (
+from tdq.api import (
     calibrate,
     calibration,
     convert,
     disabled,
-    get_state,
+    get_quantization,
     install_hook,
     iter_quant_layers,
     prepare,
@@ -18,8 +15,12 @@ from tdq.quantize import (
     remove_hook,
     select_layers,
 )
-
-__version__ = "0.1.0"
+from tdq.config import LayerOverride, QuantSpec, TDQConfig
+from tdq.errors import ConfigError
+from tdq.grid import TimestepGrid
+from tdq.hooks import TimestepHook
+from tdq.pipelines.wrap import wrap
+from tdq.quant import NotCalibratedError, QuantConv2d, QuantLinear, TimestepActQuantizer, WeightQuantizer
 
 __all__ = [
     "ConfigError",
@@ -40,7 +41,7 @@ __all__ = [
     "convert",
     "disabled",
     "get_adapter",
-    "get_state",
+    "get_quantization",
     "install_hook",
     "iter_quant_layers",
     "prepare",

@@ -2,6 +2,6 @@
 
 import sys
 
-from tdq.cli import main
+from tdq.run.cli import main
 
 sys.exit(main())

@@ -81,22 +81,88 @@ def _position(forward, name: str) -> int | None:
     raise TimestepArgumentError(f"forward() has no parameter {name!r}")
 
 
-# class name -> (arg_name, units, t_min, t_max, spacing, scale). num_train_timesteps-dependent t_max is filled later.
-_KNOWN: dict[str, tuple[str, str, float | None, float | None, str, float]] = {
-    "UNet2DModel": ("timestep", "train_timestep", 0.0, None, "linear", 1.0),
-    "UNet2DConditionModel": ("timestep", "train_timestep", 0.0, None, "linear", 1.0),
-    "DiTTransformer2DModel": ("timestep", "train_timestep", 0.0, None, "linear", 1.0),
-    "PixArtTransformer2DModel": ("timestep", "train_timestep", 0.0, None, "linear", 1.0),
-    "Transformer2DModel": ("timestep", "train_timestep", 0.0, None, "linear", 1.0),
+@dataclass(frozen=True)
+class _AdapterSpec:
+    arg_name: str
+    units: str
+    t_min: float
+    t_max: float | None  # None: num_train_timesteps - 1
+    spacing: str = "linear"
+    scale: float = 1.0
+
+
+# The registry: denoiser class -> where its timestep is. Looked up along the MRO, so a user's subclass of a
+# registered class gets its parent's adapter (diffusers' `_helpers` registries work the same way).
+_REGISTRY: dict[type, _AdapterSpec] = {}
+_DIFFUSERS_REGISTERED = False
+
+# diffusers classes, registered by name on first lookup (so `import tdq` does not import diffusers).
+_DIFFUSERS_SPECS: dict[str, _AdapterSpec] = {
+    "UNet2DModel": _AdapterSpec("timestep", "train_timestep", 0.0, None),
+    "UNet2DConditionModel": _AdapterSpec("timestep", "train_timestep", 0.0, None),
+    "DiTTransformer2DModel": _AdapterSpec("timestep", "train_timestep", 0.0, None),
+    "PixArtTransformer2DModel": _AdapterSpec("timestep", "train_timestep", 0.0, None),
+    "Transformer2DModel": _AdapterSpec("timestep", "train_timestep", 0.0, None),
     # SD3 pipelines pass t × 1000 (flow matching), Flux pipelines pass t in [0, 1].
-    "SD3Transformer2DModel": ("timestep", "t", 0.0, 1.0, "linear", 1e-3),
-    "FluxTransformer2DModel": ("timestep", "t", 0.0, 1.0, "linear", 1.0),
+    "SD3Transformer2DModel": _AdapterSpec("timestep", "t", 0.0, 1.0, "linear", 1e-3),
+    "FluxTransformer2DModel": _AdapterSpec("timestep", "t", 0.0, 1.0, "linear", 1.0),
 }
+
+
+def register_adapter(
+    model_cls: type,
+    arg_name: str,
+    units: str,
+    t_min: float,
+    t_max: float | None,
+    spacing: str = "linear",
+    scale: float = 1.0,
+) -> None:
+    r"""
+    Register where the timestep of `model_cls` (and of its subclasses) is and in which units.
+
+    Args:
+        model_cls (`type`): the denoiser class.
+        arg_name (`str`): name of the timestep parameter of its `forward`.
+        units (`str`): grid units of the mapped value: `"train_timestep"`, `"t"` or `"sigma"`.
+        t_min (`float`): default lower end of the grid.
+        t_max (`float` or `None`): default upper end; `None` means `num_train_timesteps - 1`.
+        spacing (`str`, *optional*, defaults to `"linear"`): default bucket spacing.
+        scale (`float`, *optional*, defaults to `1.0`): grid value = raw timestep × `scale`.
+    """
+    if not isinstance(model_cls, type):
+        raise TypeError(f"register_adapter needs a class, got {type(model_cls).__name__}")
+    _REGISTRY[model_cls] = _AdapterSpec(arg_name, units, t_min, t_max, spacing, scale)
+
+
+def _register_diffusers() -> None:
+    global _DIFFUSERS_REGISTERED
+    if _DIFFUSERS_REGISTERED:
+        return
+    _DIFFUSERS_REGISTERED = True
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return
+    for name, spec in _DIFFUSERS_SPECS.items():
+        cls = getattr(diffusers, name, None)
+        if isinstance(cls, type):
+            _REGISTRY.setdefault(cls, spec)
+
+
+def _registered_spec(model_cls: type) -> _AdapterSpec | None:
+    if any(c.__module__.startswith("diffusers") for c in model_cls.__mro__):
+        _register_diffusers()
+    for cls in model_cls.__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
 
 
 def get_adapter(model: nn.Module, num_train_timesteps: int = 1000) -> TimestepAdapter:
     """
-    The adapter of a denoiser: a registered one for known diffusers classes, else found from `forward`'s signature.
+    The adapter of a denoiser: the registered one of its class or nearest registered base class (MRO), else one
+    found from `forward`'s signature.
 
     Args:
         model (`nn.Module`): the denoiser.
@@ -108,11 +174,18 @@ def get_adapter(model: nn.Module, num_train_timesteps: int = 1000) -> TimestepAd
     """
     cls_name = type(model).__name__
     forward = model.forward
-    if cls_name in _KNOWN:
-        arg, units, t_min, t_max, spacing, scale = _KNOWN[cls_name]
-        if t_max is None:
-            t_max = float(num_train_timesteps - 1)
-        return TimestepAdapter(arg, _position(forward, arg), units, t_min, t_max, spacing, scale)
+    spec = _registered_spec(type(model))
+    if spec is not None:
+        t_max = float(num_train_timesteps - 1) if spec.t_max is None else spec.t_max
+        return TimestepAdapter(
+            spec.arg_name,
+            _position(forward, spec.arg_name),
+            spec.units,
+            spec.t_min,
+            t_max,
+            spec.spacing,
+            spec.scale,
+        )
     names = [p for p in inspect.signature(forward).parameters if p != "self"]
     for cand in TIMESTEP_ARG_NAMES:
         if cand in names:
@@ -133,3 +206,29 @@ def get_adapter(model: nn.Module, num_train_timesteps: int = 1000) -> TimestepAd
         f"cannot find the timestep argument of {cls_name}.forward{tuple(names)}: none of {list(TIMESTEP_ARG_NAMES)}; "
         "pass adapter=TimestepAdapter(arg_name=..., position=..., units=..., t_min=..., t_max=...)"
     )
+
+
+@dataclass
+class ConstantTimestepAdapter(TimestepAdapter):
+    r"""
+    Adapter for modules without a timestep argument: every call reads the constant `value`.
+
+    Args:
+        arg_name (`str`, *optional*, defaults to `"<constant>"`): a label only; no argument is read.
+        position (`int`, *optional*): unused.
+        units (`str`, *optional*, defaults to `"t"`): grid units of `value`.
+        t_min (`float`, *optional*, defaults to `0.0`): lower end of the (single-bucket) grid.
+        t_max (`float`, *optional*, defaults to `1.0`): upper end of the grid.
+        value (`float`, *optional*, defaults to `0.0`): the time value published on every call.
+    """
+
+    arg_name: str = "<constant>"
+    position: int | None = None
+    units: str = "t"
+    t_min: float = 0.0
+    t_max: float = 1.0
+    value: float = 0.0
+
+    def read(self, args: tuple, kwargs: dict[str, Any], model_name: str = "module") -> float:
+        """Return the constant time value (no argument of the call is read)."""
+        return self.value

@@ -2,6 +2,10 @@
 
 It reads the argument the sampler actually passed (never counts calls), so classifier-free guidance batched in one
 call, pipelines that call the denoiser twice per step, and any solver or step count all see the right bucket.
+
+On a diffusers `ModelMixin` the hook is a named diffusers `ModelHook` (`"tdq_timestep"`) in the model's
+`HookRegistry`, so it composes with diffusers' own cache and offload hooks and can be found and removed by name;
+on any other module it is a torch forward pre-hook.
 """
 
 from __future__ import annotations
@@ -9,11 +13,36 @@ from __future__ import annotations
 import bisect
 
 import torch
+from diffusers import ModelMixin
+from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from tdq.adapters import TimestepAdapter
-from tdq.config import TimestepGrid
+from tdq.grid import TimestepGrid
 from tdq.quant.quantizers import TimestepContext
+
+HOOK_NAME = "tdq_timestep"
+
+
+def _diffusers_registry(model: nn.Module):
+    """The diffusers `HookRegistry` of `model` if it is a diffusers `ModelMixin`, else `None`."""
+    if not isinstance(model, ModelMixin):
+        return None
+    return HookRegistry.check_if_exists_or_initialize(model)
+
+
+class _DiffusersTimestepHook(ModelHook):
+    """The `TimestepHook` as a named diffusers `ModelHook`: `pre_forward` publishes the call's bucket."""
+
+    _is_stateful = False
+
+    def __init__(self, hook: TimestepHook):
+        super().__init__()
+        self.hook = hook
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.hook._pre_forward(module, args, kwargs)
+        return args, kwargs
 
 
 class TimestepHook:
@@ -42,7 +71,13 @@ class TimestepHook:
         self._lo, self._hi = float(edges[0]), float(edges[-1])
         self._tol = 1e-6 * max(abs(self._hi), 1.0)
         self.last_value: float | None = None
-        self._handle = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._model = model
+        self._registry = _diffusers_registry(model)
+        if self._registry is not None:
+            self._registry.register_hook(_DiffusersTimestepHook(self), HOOK_NAME)
+            self._handle = None
+        else:
+            self._handle = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         context.active = True
 
     def _check(self, lo: float, hi: float) -> None:
@@ -78,6 +113,9 @@ class TimestepHook:
 
     def remove(self) -> None:
         """Remove the hook; the model's quantized layers then compute in floating point."""
-        self._handle.remove()
+        if self._registry is not None:
+            self._registry.remove_hook(HOOK_NAME, recurse=False)
+        else:
+            self._handle.remove()
         self.context.active = False
         self.context.clear()

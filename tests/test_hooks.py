@@ -19,7 +19,7 @@ def _calibrated_growing(num_buckets=10, out_of_range="nearest"):
 
 def test_positional_keyword_scalar_and_tensor():
     model = _calibrated_growing()
-    hook = tdq.get_state(model).hook
+    hook = tdq.get_quantization(model).hook
     x = torch.randn(2, 16)
     for call in [
         lambda: model(x, 730),
@@ -29,14 +29,14 @@ def test_positional_keyword_scalar_and_tensor():
     ]:
         call()
         assert hook.last_value == 730.0
-        assert tdq.get_state(model).context.bucket == 7
+        assert tdq.get_quantization(model).context.bucket == 7
 
 
 def test_cfg_batch_and_two_calls_per_step():
     """Classifier-free guidance batches cond/uncond in one call; some pipelines call twice per step. Both see the
     real timestep, whatever the number of calls."""
     model = _calibrated_growing()
-    state = tdq.get_state(model)
+    state = tdq.get_quantization(model)
     seen = []
     model.register_forward_hook(lambda *a: seen.append(state.context.bucket))
     x = torch.randn(1, 16)
@@ -51,7 +51,7 @@ def test_per_sample_timesteps_use_their_own_bucket():
     model = _calibrated_growing()
     x = torch.randn(2, 16)
     mixed = model(x, torch.tensor([900.0, 100.0]))
-    assert tdq.get_state(model).context.buckets.tolist() == [9, 1]
+    assert tdq.get_quantization(model).context.buckets.tolist() == [9, 1]
     a = model(x[:1], torch.tensor(900.0))
     b = model(x[1:], torch.tensor(100.0))
     torch.testing.assert_close(mixed, torch.cat([a, b]))
@@ -73,7 +73,7 @@ def test_remove_hook_restores_fp_and_reinstall():
 def test_out_of_grid_nearest_and_error():
     model = _calibrated_growing()
     model(torch.randn(1, 16), 5000)
-    assert tdq.get_state(model).context.bucket == 9
+    assert tdq.get_quantization(model).context.bucket == 9
     strict = _calibrated_growing(out_of_range="error")
     with pytest.raises(ValueError, match="outside the calibrated grid"):
         strict(torch.randn(1, 16), 5000)
@@ -95,7 +95,7 @@ def test_missing_timestep_argument_is_a_clear_error():
     tdq.quantize_(model, adapter=TimestepAdapter("cond", 1, "t", 0.0, 1.0))
     with torch.no_grad(), tdq.calibration(model):
         model(torch.randn(2, 4), 0.35)
-    assert tdq.get_state(model).context.bucket == 3
+    assert tdq.get_quantization(model).context.bucket == 3
 
 
 def test_call_without_timestep_is_a_clear_error():

@@ -14,10 +14,10 @@ from diffusers import (
 )
 
 import tdq
+from tdq.mixed_precision.planners import PrecisionSchedule
 from tdq.pipelines import TDQPipeline, wrap
-from tdq.pipelines._testing import save_tiny_sd, tiny_dit_pipeline, tiny_sd_pipeline
-from tdq.schedule import PrecisionSchedule
-from tdq.state import STATE_FILE, QuantStateError, read_quant_config
+from tdq.serialization import STATE_FILE, SavedQuantizationError, read_saved_quantization
+from tdq.testing.pipelines import save_tiny_sd, tiny_dit_pipeline, tiny_sd_pipeline
 
 PROMPTS = ["lower newer", "wider lowest"]
 CALIB = dict(calibration_prompts=PROMPTS, calibration_steps=3, calibration_kwargs={"batch_size": 2})
@@ -82,7 +82,7 @@ def test_reload_restores_without_calibration(quantized):
     ):
         assert a.act_quantizer.observers is None and b.act_quantizer.mode == "quant"
         assert torch.equal(a.act_quantizer.scale, b.act_quantizer.scale), name
-    assert read_quant_config(out / "tdq" / "unet")["source_model"].endswith("/unet")
+    assert read_saved_quantization(out / "tdq" / "unet")["source_model"].endswith("/unet")
 
 
 def test_quantization_is_active(quantized):
@@ -138,10 +138,10 @@ def test_text_encoder_vae_decoder_and_schedule_round_trip(sd_dir, tmp_path):
     )
     pipe.set_progress_bar_config(disable=True)
     assert pipe.tdq_components.keys() == {"unet", "text_encoder", "vae"}
-    assert tdq.get_state(pipe.text_encoder).grid.num_buckets == 1  # no timestep: one static bucket
-    assert tdq.get_state(pipe.vae.decoder).grid.num_buckets == 1
+    assert tdq.get_quantization(pipe.text_encoder).grid.num_buckets == 1  # no timestep: one static bucket
+    assert tdq.get_quantization(pipe.vae.decoder).grid.num_buckets == 1
     pipe.save_pretrained(tmp_path)
-    sidecar = read_quant_config(tmp_path / "tdq" / "unet")
+    sidecar = read_saved_quantization(tmp_path / "tdq" / "unet")
     i = sidecar["schedule"]["layers"].index(layers[0])
     assert sidecar["schedule"]["weight_bits"][i] == 4
     assert sidecar["schedule"]["act_bits"][i] == [8] * 5 + [6] * 5
@@ -173,7 +173,7 @@ def test_corrupted_saved_state_is_a_clear_error(quantized, tmp_path):
     copy = shutil.copytree(out, tmp_path / "copy")
     path = copy / "tdq" / "unet" / STATE_FILE
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(QuantStateError, match="corrupted or truncated"):
+    with pytest.raises(SavedQuantizationError, match="corrupted or truncated"):
         TDQPipeline.from_pretrained(copy)
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tdq.models import ModelConfig, load_model
+from tdq.run.models import ModelConfig, load_model
 from tdq.sampling import ConditionedForward, LatentDiffusionSampler, make_sampler
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -137,7 +137,7 @@ def test_dit_sampler_matches_dit_pipeline():
 
 def test_conditioned_forward_follows_profile_rows():
     """The rows ConditionedForward assumes are the rows profile_sensitivity actually noised."""
-    from tdq.sensitivity import profile_sensitivity
+    from tdq.mixed_precision.fisher import profile_sensitivity
 
     m = load_model(ModelConfig(name="mnist-dit", class_names=DIGITS))
     smp = make_sampler(m, num_inference_steps=2, batch_size=4, progress=False)

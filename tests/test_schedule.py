@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from tdq.config import TimestepGrid
-from tdq.schedule import (
+from tdq.grid import TimestepGrid
+from tdq.mixed_precision.fisher import SensitivityProfile
+from tdq.mixed_precision.planners import (
     PrecisionBudget,
     PrecisionSchedule,
     plan_precision,
     plan_uniform,
     schedule_objective,
 )
-from tdq.sensitivity import SensitivityProfile
 
 
 def make_profile(num_layers=6, num_buckets=4, heterogeneous=True, seed=0):

@@ -5,9 +5,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
-from tdq.config import TDQConfig, TimestepGrid
-from tdq.schedule import PrecisionBudget, plan_precision, plan_uniform, schedule_objective
-from tdq.sensitivity import SensitivityProfile, profile_sensitivity
+from tdq.config import TDQConfig
+from tdq.grid import TimestepGrid
+from tdq.mixed_precision.fisher import SensitivityProfile, profile_sensitivity
+from tdq.mixed_precision.planners import PrecisionBudget, plan_precision, plan_uniform, schedule_objective
 
 GRID = TimestepGrid(units="train_timestep", t_min=0, t_max=999, num_buckets=3)
 

@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 import tdq
 from tdq.config import LayerOverride, QuantSpec, TDQConfig
 from tdq.quant.functional import unpack_int4
-from tdq.state import (
+from tdq.serialization import (
     CONFIG_FILE,
     STATE_FILE,
-    QuantStateError,
-    load_quant_state,
-    read_quant_config,
-    save_quant_state,
+    SavedQuantizationError,
+    load_quantization,
+    read_saved_quantization,
+    save_quantization,
 )
 from tdq.testing import denoiser_inputs, output_tensor, tiny_unet2d_condition
 
@@ -45,7 +45,7 @@ def _snapshot(model):
 
 
 def _assert_untouched(model, snapshot):
-    assert not hasattr(model, "_tdq_state")
+    assert not hasattr(model, "_tdq_quantization")
     state = model.state_dict()
     assert state.keys() == snapshot.keys()
     assert all(torch.equal(state[k], snapshot[k]) for k in state)
@@ -54,7 +54,7 @@ def _assert_untouched(model, snapshot):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = _calibrated()
-    directory = save_quant_state(model, tmp_path_factory.mktemp("state"), source_model="tiny-unet")
+    directory = save_quantization(model, tmp_path_factory.mktemp("state"), source_model="tiny-unet")
     return model, directory
 
 
@@ -62,11 +62,11 @@ def saved(tmp_path_factory):
 def test_reload_into_random_skeleton_is_bit_exact(config, tmp_path):
     model = _calibrated(config)
     ref = _predict(model)
-    save_quant_state(model, tmp_path)
+    save_quantization(model, tmp_path)
     skeleton = tiny_unet2d_condition()
     for p in skeleton.parameters():  # prove every value comes from the state
         torch.nn.init.normal_(p)
-    load_quant_state(skeleton, tmp_path)
+    load_quantization(skeleton, tmp_path)
     assert torch.equal(_predict(skeleton), ref)
     for (name, a), (_, b) in zip(tdq.iter_quant_layers(model), tdq.iter_quant_layers(skeleton), strict=True):
         assert torch.equal(a.quantized_weight(), b.quantized_weight()), name
@@ -74,7 +74,7 @@ def test_reload_into_random_skeleton_is_bit_exact(config, tmp_path):
 
 def test_weights_are_stored_as_integer_codes(tmp_path):
     model = _calibrated(W4_AFFINE_GROUPS)
-    save_quant_state(model, tmp_path)
+    save_quantization(model, tmp_path)
     tensors = load_file(str(tmp_path / STATE_FILE))
     layers = dict(tdq.iter_quant_layers(model))
     for name, m in layers.items():
@@ -95,8 +95,8 @@ def test_weights_are_stored_as_integer_codes(tmp_path):
 
 def test_sidecar_records_config_grid_schedule_and_hash(saved):
     model, directory = saved
-    sidecar = read_quant_config(directory)
-    state = tdq.get_state(model)
+    sidecar = read_saved_quantization(directory)
+    state = tdq.get_quantization(model)
     assert sidecar["schema_version"] == 1
     assert sidecar["tdq_version"] == tdq.__version__
     assert sidecar["source_model"] == "tiny-unet"
@@ -115,21 +115,23 @@ def test_state_of_another_model_names_first_mismatched_layer(saved):
     _, directory = saved
     other = tiny_unet2d_condition(block_out_channels=(8, 32))
     snapshot = _snapshot(other)
-    with pytest.raises(QuantStateError, match="first mismatched layer 'down_blocks.1.resnets.0.conv1'"):
-        load_quant_state(other, directory)
+    with pytest.raises(
+        SavedQuantizationError, match="first mismatched layer 'down_blocks.1.resnets.0.conv1'"
+    ):
+        load_quantization(other, directory)
     _assert_untouched(other, snapshot)
 
 
 def test_state_with_other_layer_selection_names_the_layer(tmp_path):
     model = _calibrated(TDQConfig(exclude=["conv_in"]))
-    save_quant_state(model, tmp_path)
+    save_quantization(model, tmp_path)
     data = json.loads((tmp_path / CONFIG_FILE).read_text())
     data["config"]["exclude"] = []  # now the model would quantize conv_in, which the state lacks
     (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
     target = tiny_unet2d_condition()
     snapshot = _snapshot(target)
-    with pytest.raises(QuantStateError, match="first mismatched layer 'conv_in'"):
-        load_quant_state(target, tmp_path)
+    with pytest.raises(SavedQuantizationError, match="first mismatched layer 'conv_in'"):
+        load_quantization(target, tmp_path)
     _assert_untouched(target, snapshot)
 
 
@@ -146,8 +148,8 @@ def test_truncated_safetensors_is_a_clear_error(saved, tmp_path):
     path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     target = tiny_unet2d_condition()
     snapshot = _snapshot(target)
-    with pytest.raises(QuantStateError, match="corrupted or truncated"):
-        load_quant_state(target, directory)
+    with pytest.raises(SavedQuantizationError, match="corrupted or truncated"):
+        load_quantization(target, directory)
     _assert_untouched(target, snapshot)
 
 
@@ -158,8 +160,8 @@ def test_flipped_byte_fails_the_hash(saved, tmp_path):
     (directory / STATE_FILE).write_bytes(bytes(data))
     target = tiny_unet2d_condition()
     snapshot = _snapshot(target)
-    with pytest.raises(QuantStateError, match="sha256"):
-        load_quant_state(target, directory)
+    with pytest.raises(SavedQuantizationError, match="sha256"):
+        load_quantization(target, directory)
     _assert_untouched(target, snapshot)
 
 
@@ -169,8 +171,8 @@ def test_corrupted_sidecar_is_a_clear_error(saved, tmp_path):
     (directory / CONFIG_FILE).write_text(text[: len(text) // 3])
     target = tiny_unet2d_condition()
     snapshot = _snapshot(target)
-    with pytest.raises(QuantStateError, match="not valid JSON"):
-        load_quant_state(target, directory)
+    with pytest.raises(SavedQuantizationError, match="not valid JSON"):
+        load_quantization(target, directory)
     _assert_untouched(target, snapshot)
 
 
@@ -181,8 +183,8 @@ def test_sidecar_bits_disagreeing_with_tensors_is_corruption(saved, tmp_path):
     (directory / CONFIG_FILE).write_text(json.dumps(data))
     target = tiny_unet2d_condition()
     snapshot = _snapshot(target)
-    with pytest.raises(QuantStateError, match="corrupted"):
-        load_quant_state(target, directory)
+    with pytest.raises(SavedQuantizationError, match="corrupted"):
+        load_quantization(target, directory)
     _assert_untouched(target, snapshot)
 
 
@@ -193,42 +195,42 @@ def test_unknown_schema_version_lists_readable_versions(saved, tmp_path):
     (directory / CONFIG_FILE).write_text(json.dumps(data))
     target = tiny_unet2d_condition()
     snapshot = _snapshot(target)
-    with pytest.raises(QuantStateError, match=r"schema_version=99.*readable versions: \[1\]"):
-        load_quant_state(target, directory)
+    with pytest.raises(SavedQuantizationError, match=r"schema_version=99.*readable versions: \[1\]"):
+        load_quantization(target, directory)
     _assert_untouched(target, snapshot)
 
 
 def test_missing_state_dir_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
-        load_quant_state(tiny_unet2d_condition(), tmp_path)
+        load_quantization(tiny_unet2d_condition(), tmp_path)
 
 
 def test_uncalibrated_model_cannot_be_saved(tmp_path):
     model = tdq.quantize_(tiny_unet2d_condition(), TDQConfig())
     with pytest.raises(tdq.NotCalibratedError):
-        save_quant_state(model, tmp_path)
+        save_quantization(model, tmp_path)
 
 
 def test_overlay_state_holds_only_quantized_layers(tmp_path):
     model = _calibrated()
     ref = _predict(model)
-    save_quant_state(model, tmp_path, include_float=False)
+    save_quantization(model, tmp_path, include_float=False)
     tensors = load_file(str(tmp_path / STATE_FILE))
     assert "time_embedding.linear_1.weight_codes" in tensors
     assert not any(k.startswith("conv_norm_out.") for k in tensors)  # a GroupNorm: not stored
     target = tiny_unet2d_condition()  # same seed: same float weights outside the quantized layers
-    load_quant_state(target, tmp_path)
+    load_quantization(target, tmp_path)
     assert torch.equal(_predict(target), ref)
 
 
 def test_load_into_model_quantized_with_same_config(saved):
     model, directory = saved
     target = tdq.quantize_(tiny_unet2d_condition(), TDQConfig())
-    load_quant_state(target, directory)
+    load_quantization(target, directory)
     assert torch.equal(_predict(target), _predict(model))
     other = tdq.quantize_(tiny_unet2d_condition(), TDQConfig(weight=QuantSpec(bits=6)))
-    with pytest.raises(QuantStateError, match="another config"):
-        load_quant_state(other, directory)
+    with pytest.raises(SavedQuantizationError, match="another config"):
+        load_quantization(other, directory)
 
 
 def test_state_is_much_smaller_than_float_weights(tmp_path):
@@ -238,6 +240,6 @@ def test_state_is_much_smaller_than_float_weights(tmp_path):
         v.numel() * v.element_size() for v in tiny_unet2d_condition(**bigger).state_dict().values()
     )
     model = _calibrated(**bigger)
-    save_quant_state(model, tmp_path / "q")
+    save_quantization(model, tmp_path / "q")
     ratio = os.path.getsize(tmp_path / "q" / STATE_FILE) / fp_bytes
     assert ratio < 0.4  # int8 codes: ~0.25 plus float norms/biases and per-channel scales

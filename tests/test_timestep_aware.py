@@ -75,7 +75,7 @@ def test_activation_observers_percentile_and_mse_clip_outliers():
 def test_fused_fast_path_equals_reference_math_and_stays_finite():
     model, data = _calibrate(4, bits=8)
     aq = model.proj.act_quantizer
-    state = tdq.get_state(model)
+    state = tdq.get_quantization(model)
     state.context.set(2, None)
     x = torch.randn(64, 16) * 5
     x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tdq import zoo
+from tdq.utils.safe_pickle import restricted_unpickle
 from tdq.zoo import data as zdata
 from tdq.zoo import judge as zjudge
 from tdq.zoo import train as ztrain
@@ -25,17 +26,17 @@ class _Evil:
 def test_restricted_unpickler_refuses_code():
     payload = pickle.dumps(_Evil(), protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="system"):
-        zdata.restricted_loads(payload)
+        restricted_unpickle(payload)
     with pytest.raises(pickle.UnpicklingError, match="_Evil"):
-        zdata.restricted_loads(pickle.dumps(_Evil, protocol=2))
+        restricted_unpickle(pickle.dumps(_Evil, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
-        zdata.restricted_loads(b"cbuiltins\neval\n(S'1+1'\ntR.")
+        restricted_unpickle(b"cbuiltins\neval\n(S'1+1'\ntR.")
 
 
 def test_restricted_unpickler_reads_numpy():
     arrs = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], dtype=np.int64))
     for proto in (2, pickle.HIGHEST_PROTOCOL):
-        got = zdata.restricted_loads(pickle.dumps(arrs, protocol=proto))
+        got = restricted_unpickle(pickle.dumps(arrs, protocol=proto))
         np.testing.assert_array_equal(got[0], arrs[0])
         np.testing.assert_array_equal(got[1], arrs[1])
     # the packaged file is readable by the same unpickler (first bytes only would not parse; read whole)
@@ -179,4 +180,4 @@ def test_refusal_names_class():
     buf = io.BytesIO()
     pickle.Pickler(buf, protocol=2).dump(pickle.Pickler)
     with pytest.raises(pickle.UnpicklingError, match="Pickler"):
-        zdata.restricted_loads(buf.getvalue())
+        restricted_unpickle(buf.getvalue())

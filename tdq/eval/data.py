@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdq.eval.metrics import kid_from_features
+from tdq.eval.metrics import frechet_distance, kid_from_features
 
 __all__ = [
     "DATASETS",
@@ -121,46 +121,6 @@ def load_domain_judge(dataset: str, device: str | torch.device = "cpu") -> tuple
 
     judge = load_judge(device)
     return judge, judge.feature_extractor(), "mnist_judge_ccexam_fc128"
-
-
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float | None:
-    r"""
-    FID between two feature sets, with torchmetrics' definition (unbiased covariances) but an exact, fast trace.
-
-    torchmetrics computes ``tr sqrt(S1 S2)`` as the sum of square roots of ``eigvals(S1 @ S2)``, a general
-    (non-symmetric) eigenproblem of size D that takes over a minute for D = 2048 on two CPU cores. The same number
-    is the nuclear norm (sum of singular values) of ``A^T B`` with ``S1 = A A^T``, ``S2 = B B^T``
-    (``A = (X - mean) / sqrt(n - 1)``, ``[D, n]``): eigenvalues of ``A A^T B B^T`` are the squared singular values
-    of ``A^T B``. That is an ``n × m`` SVD when the sample counts are below D; otherwise the symmetric square
-    roots ``S^(1/2)`` (two `eigh`) give ``||S1^(1/2) S2^(1/2)||_*``. Agreement with torchmetrics is tested.
-
-    Args:
-        real (`torch.Tensor` of shape `[N, D]`): reference features.
-        fake (`torch.Tensor` of shape `[M, D]`): evaluated features.
-
-    Returns:
-        `float` or `None`: the FID, `None` when either set has fewer than 2 samples.
-    """
-    x, y = real.detach().cpu().double(), fake.detach().cpu().double()
-    n, m = x.shape[0], y.shape[0]
-    if n < 2 or m < 2:
-        return None
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"feature dims differ: {x.shape[1]} vs {y.shape[1]}")
-    mu1, mu2 = x.mean(0), y.mean(0)
-    a = (x - mu1) / (n - 1) ** 0.5  # [n, D]: S1 = a^T a
-    b = (y - mu2) / (m - 1) ** 0.5
-    if min(n, m) <= x.shape[1]:
-        cross = torch.linalg.svdvals(a @ b.T).sum()
-    else:
-
-        def sqrtm_psd(s: torch.Tensor) -> torch.Tensor:
-            w, v = torch.linalg.eigh(s)
-            return (v * w.clamp_min(0).sqrt()) @ v.T
-
-        cross = torch.linalg.svdvals(sqrtm_psd(a.T @ a) @ sqrtm_psd(b.T @ b)).sum()
-    value = (mu1 - mu2).square().sum() + a.square().sum() + b.square().sum() - 2 * cross
-    return float(value)
 
 
 def distribution_metrics(

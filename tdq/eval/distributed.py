@@ -30,13 +30,13 @@ __all__ = [
     "distributed_extract_features",
     "distributed_sample",
     "gather_rows",
-    "get_state",
+    "get_quantization",
     "shard_batches",
     "sync_buffers",
 ]
 
 
-def get_state(cpu: bool = False) -> Any:
+def get_quantization(cpu: bool = False) -> Any:
     r"""
     The process group of this run as an `accelerate.Accelerator`.
 

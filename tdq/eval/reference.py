@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from tdq.sampling import DiffusionSampler, SampleResult
+from tdq.utils.io import atomic_write_bytes, json_safe, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,13 @@ _MANIFEST = "manifest.json"
 # fingerprints
 
 
+def _key_value(value: Any) -> Any:
+    """A cache-key form of `value`: JSON-safe with exact float reprs, private (`_`-prefixed) config keys dropped."""
+    if isinstance(value, Mapping):
+        value = {k: v for k, v in value.items() if not str(k).startswith("_")}
+    return json_safe(value, exact_floats=True)
+
+
 def state_dict_fingerprint(state: Mapping[str, torch.Tensor], skip: str | None = "_quantizer.") -> str:
     r"""
     sha256 over the names, dtypes, shapes and bytes of a state dict (sorted by name).
@@ -81,22 +88,6 @@ def state_dict_fingerprint(state: Mapping[str, torch.Tensor], skip: str | None =
     return h.hexdigest()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool | int | str) or value is None:
-        return value
-    if isinstance(value, float):
-        return repr(value)  # exact, and NaN/inf safe
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    return str(value)
-
-
 def model_fingerprint(model: nn.Module) -> str:
     r"""
     Identity of a denoiser: sha256 of its class, its diffusers `config` (when it has one) and its float
@@ -113,7 +104,7 @@ def model_fingerprint(model: nn.Module) -> str:
     """
     head = {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config": _jsonable(dict(getattr(model, "config", {}) or {})),
+        "config": _key_value(dict(getattr(model, "config", {}) or {})),
     }
     h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     h.update(state_dict_fingerprint(model.state_dict()).encode())
@@ -130,7 +121,7 @@ def scheduler_fingerprint(scheduler: Any) -> dict[str, Any]:
     Returns:
         `dict`: ``{"class": ..., "config": {...}}`` (private ``_``-keys dropped).
     """
-    return {"class": type(scheduler).__name__, "config": _jsonable(dict(getattr(scheduler, "config", {})))}
+    return {"class": type(scheduler).__name__, "config": _key_value(dict(getattr(scheduler, "config", {})))}
 
 
 def feature_id(name: str, module: nn.Module) -> str:
@@ -185,30 +176,12 @@ def reference_spec(
         "dtype": str(next(iter(sampler.denoiser.parameters())).dtype),
         "torch": torch.__version__.split("+")[0],
         "trajectory": bool(sampler.record_trajectory),
-        "extra": _jsonable(dict(extra or {})),
+        "extra": _key_value(dict(extra or {})),
     }
 
 
 # ----------------------------------------------------------------------------------------------------
 # the cache
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class CacheError(Exception):
@@ -263,7 +236,7 @@ class ReferenceCache:
     @staticmethod
     def key(spec: Mapping[str, Any]) -> str:
         """sha256 of the canonical JSON of `spec`."""
-        return _sha256(json.dumps(_jsonable(spec), sort_keys=True, separators=(",", ":")).encode())
+        return sha256_bytes(json.dumps(_key_value(spec), sort_keys=True, separators=(",", ":")).encode())
 
     def entry_dir(self, spec: Mapping[str, Any]) -> Path:
         """The folder of `spec`'s entry."""
@@ -281,15 +254,15 @@ class ReferenceCache:
             raise CacheError(f"unreadable manifest ({e})") from e
         if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_VERSION:
             raise CacheError("manifest has another schema")
-        if manifest.get("key") != self.key(spec) or manifest.get("spec") != _jsonable(spec):
+        if manifest.get("key") != self.key(spec) or manifest.get("spec") != _key_value(spec):
             raise CacheError("manifest does not match the spec")
         if not isinstance(manifest.get("files"), dict):
             raise CacheError("manifest lists no files")
         return manifest
 
     def _write_manifest(self, spec: Mapping[str, Any], files: dict[str, Any]) -> None:
-        manifest = {"schema": SCHEMA_VERSION, "key": self.key(spec), "spec": _jsonable(spec), "files": files}
-        _atomic_write(self.entry_dir(spec) / _MANIFEST, json.dumps(manifest, indent=1).encode())
+        manifest = {"schema": SCHEMA_VERSION, "key": self.key(spec), "spec": _key_value(spec), "files": files}
+        atomic_write_bytes(self.entry_dir(spec) / _MANIFEST, json.dumps(manifest, indent=1).encode())
 
     # -- tensors --------------------------------------------------------------------------------------------
     @staticmethod
@@ -338,7 +311,7 @@ class ReferenceCache:
                 raise CacheError(f"{path.name}: missing ({e.__class__.__name__})") from e
             if len(data) != record.get("size"):
                 raise CacheError(f"{path.name}: size {len(data)} != {record.get('size')} (truncated?)")
-            if _sha256(data) != record.get("sha256"):
+            if sha256_bytes(data) != record.get("sha256"):
                 raise CacheError(f"{path.name}: sha256 mismatch")
             try:
                 tensors = load(data)
@@ -379,7 +352,7 @@ class ReferenceCache:
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         data = save(cpu, metadata={"tdq_cache_key": self.key(spec), "name": name})
         path = folder / self._file_name(name)
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)
         try:
             manifest = self._read_manifest(spec) or {"files": {}}
         except CacheError:
@@ -387,7 +360,7 @@ class ReferenceCache:
         files = dict(manifest["files"])
         files[name] = {
             "size": len(data),
-            "sha256": _sha256(data),
+            "sha256": sha256_bytes(data),
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in cpu.items()},
         }
         self._write_manifest(spec, files)
@@ -403,7 +376,7 @@ class ReferenceCache:
             manifest = json.loads((folder / _MANIFEST).read_text())
             files = {k: v for k, v in manifest.get("files", {}).items() if k != name}
             manifest["files"] = files
-            _atomic_write(folder / _MANIFEST, json.dumps(manifest, indent=1).encode())
+            atomic_write_bytes(folder / _MANIFEST, json.dumps(manifest, indent=1).encode())
         except (OSError, ValueError):
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -10,50 +10,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from tdq.utils.io import json_safe
 
 __all__ = ["json_safe", "write_report"]
 
 _PER_IMAGE_SUFFIX = "_per_image"
-
-
-def json_safe(obj: Any) -> Any:
-    """Convert a report value to strict-JSON-compatible Python objects.
-
-    Tensors and numpy arrays become (nested) lists or scalars, paths become strings, NaN becomes `None`,
-    ``±inf`` becomes the strings ``"inf"`` / ``"-inf"``; dict keys are stringified.
-
-    Args:
-        obj (`Any`): the value.
-
-    Returns:
-        `Any`: a value that ``json.dumps(..., allow_nan=False)`` accepts.
-    """
-    if isinstance(obj, torch.Tensor):
-        obj = obj.detach().cpu()
-        obj = obj.item() if obj.ndim == 0 else obj.tolist()
-    elif isinstance(obj, np.ndarray):
-        obj = obj.tolist()
-    elif isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
-        return obj
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "to_dict"):
-        return json_safe(obj.to_dict())
-    return str(obj)
 
 
 def _fmt(value: Any) -> str:

@@ -1,6 +1,7 @@
 """Pipelines: `TDQPipeline` (a quantized `StableDiffusionPipeline`) and `wrap` for any diffusers pipeline."""
 
-from tdq.pipelines.static import ConstantTimestepAdapter, quantize_static_, static_config
+from tdq.adapters import ConstantTimestepAdapter
+from tdq.api import quantize_static_, static_config
 from tdq.pipelines.wrap import get_denoiser, wrap
 
 

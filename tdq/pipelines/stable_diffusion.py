@@ -36,10 +36,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
+from tdq.api import QUANTIZATION_ATTR, calibration, quantize_, quantize_static_, static_config
 from tdq.config import TDQConfig
-from tdq.pipelines.static import quantize_static_, static_config
-from tdq.quantize import STATE_ATTR, calibration, quantize_
-from tdq.state import has_quant_state, load_quant_state, save_quant_state
+from tdq.serialization import has_saved_quantization, load_quantization, save_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +71,8 @@ def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) ->
 
 def _load_schedule(schedule: Any, profile: Any, budget: Any):
     """A `PrecisionSchedule` from a schedule (object, dict or JSON path) or from a profile plus a budget."""
-    from tdq.schedule import PrecisionBudget, PrecisionSchedule, plan_precision
-    from tdq.sensitivity import SensitivityProfile
+    from tdq.mixed_precision.fisher import SensitivityProfile
+    from tdq.mixed_precision.planners import PrecisionBudget, PrecisionSchedule, plan_precision
 
     if profile is not None:
         if schedule is not None:
@@ -93,7 +92,7 @@ def _load_schedule(schedule: Any, profile: Any, budget: Any):
 
 
 def _check_schedule_grid(schedule, model: nn.Module) -> None:
-    grid = getattr(model, STATE_ATTR).grid
+    grid = getattr(model, QUANTIZATION_ATTR).grid
     units = schedule.grid.get("units")
     if units not in (None, "auto") and units != grid.units:
         raise ValueError(
@@ -243,7 +242,7 @@ class TDQPipeline(StableDiffusionPipeline):
             schedule (`PrecisionSchedule`, `dict` or path, *optional*):
                 Mixed-precision schedule applied to the UNet before calibration.
             profile (`SensitivityProfile` or path, *optional*):
-                With `budget`, planned into a schedule by `tdq.schedule.plan_precision`.
+                With `budget`, planned into a schedule by `tdq.mixed_precision.planners.plan_precision`.
             budget (`PrecisionBudget` or `dict`, *optional*):
                 The bit budget for `profile`.
             calibration_steps (`int`, *optional*, defaults to `20`):
@@ -304,10 +303,10 @@ class TDQPipeline(StableDiffusionPipeline):
             if comp in kwargs:
                 raise ValueError(f"{comp}= cannot be passed: {str(path)!r} holds its saved tdq state")
         if "unet" in components:
-            if not has_quant_state(tdq_dir / "unet"):
+            if not has_saved_quantization(tdq_dir / "unet"):
                 raise FileNotFoundError(f"{str(path)!r}: the quantized UNet's state tdq/unet/ is missing")
             unet = _unet_skeleton(path, dtype)
-            load_quant_state(unet, tdq_dir / "unet")
+            load_quantization(unet, tdq_dir / "unet")
             kwargs["unet"] = unet
         pipe = super().from_pretrained(path, **kwargs)
         for comp, entry in components.items():
@@ -315,7 +314,7 @@ class TDQPipeline(StableDiffusionPipeline):
                 continue
             sub = entry.get("module", "")
             module = getattr(pipe, comp)
-            load_quant_state(module.get_submodule(sub) if sub else module, tdq_dir / entry["state"])
+            load_quantization(module.get_submodule(sub) if sub else module, tdq_dir / entry["state"])
         pipe._tdq_components = {comp: entry.get("module", "") for comp, entry in components.items()}
         return pipe
 
@@ -352,7 +351,7 @@ class TDQPipeline(StableDiffusionPipeline):
         dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         pipe = super().from_pipe(pipeline, dtype=dtype or pipeline.dtype, **kwargs)
         source = getattr(pipeline, "_tdq_components", None)
-        if hasattr(pipe.unet, STATE_ATTR):
+        if hasattr(pipe.unet, QUANTIZATION_ATTR):
             pipe._tdq_components = dict(source or {"unet": ""})
             return pipe
         pipe.quantize(
@@ -504,7 +503,7 @@ class TDQPipeline(StableDiffusionPipeline):
         entries = {}
         for comp, module in quantized.items():
             sub, state_dir = _COMPONENTS[comp]
-            save_quant_state(
+            save_quantization(
                 module,
                 save_directory / TDQ_DIRNAME / state_dir,
                 source_model=f"{source}/{comp}" if source else None,

@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from tdq.api import calibration, quantize_
 from tdq.config import TDQConfig
-from tdq.quantize import calibration, quantize_
 
 DENOISER_ATTRS = ("unet", "transformer")
 

@@ -1,6 +1,13 @@
 """Quantizer math, observers, quantizers and quantized modules."""
 
-from tdq.quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear, QuantMixin, register_quant_module
+from tdq.quant.modules import (
+    QUANT_MODULES,
+    QuantConv2d,
+    QuantLinear,
+    QuantMixin,
+    quant_module_class,
+    register_quant_module,
+)
 from tdq.quant.observers import MinMaxObserver, MSEObserver, Observer, PercentileObserver, make_observer
 from tdq.quant.quantizers import NotCalibratedError, TimestepActQuantizer, TimestepContext, WeightQuantizer
 
@@ -18,5 +25,6 @@ __all__ = [
     "TimestepContext",
     "WeightQuantizer",
     "make_observer",
+    "quant_module_class",
     "register_quant_module",
 ]

@@ -7,6 +7,7 @@ under the same names, and add a `weight_quantizer` and an input `act_quantizer`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -16,14 +17,17 @@ from torch import nn
 from tdq.config import QuantSpec
 from tdq.quant.quantizers import TimestepActQuantizer, TimestepContext, WeightQuantizer
 
+logger = logging.getLogger(__name__)
+
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 def register_quant_module(float_cls: type[nn.Module]) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """
-    Class decorator: register a quantized module class as the replacement of `float_cls`.
+    Class decorator: register a quantized module class as the replacement of `float_cls` and its subclasses.
 
-    The class must provide `from_float(module, name, weight_spec, act_spec, context)`.
+    The class must provide `from_float(module, name, weight_spec, act_spec, context)`. Users register their own
+    layer types the same way; the most derived registered class wins (see `quant_module_class`).
     """
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
@@ -31,6 +35,21 @@ def register_quant_module(float_cls: type[nn.Module]) -> Callable[[type[nn.Modul
         return cls
 
     return wrap
+
+
+def quant_module_class(module: nn.Module) -> type[nn.Module] | None:
+    """
+    The quantized class that replaces `module`: the registration of its class or of its nearest registered base
+    class (MRO lookup, so subclasses of `nn.Linear`/`nn.Conv2d` are quantized), or `None`.
+
+    Already-quantized modules return `None`.
+    """
+    if isinstance(module, QuantMixin):
+        return None
+    for cls in type(module).__mro__:
+        if cls in QUANT_MODULES:
+            return QUANT_MODULES[cls]
+    return None
 
 
 class QuantMixin:
@@ -59,6 +78,18 @@ class QuantMixin:
             act_spec (`QuantSpec`): input-activation spec.
             context (`TimestepContext`): the model's timestep context.
         """
+        base = next(c for c in type(module).__mro__ if c in QUANT_MODULES)
+        if type(module).forward is not base.forward:
+            logger.warning(
+                "layer %r: %s overrides %s.forward; its quantized replacement %s computes %s.forward (exclude the "
+                "layer or register a quantized module for %s if that is wrong)",
+                name,
+                type(module).__name__,
+                base.__name__,
+                cls.__name__,
+                base.__name__,
+                type(module).__name__,
+            )
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         new._parameters = dict(module._parameters)

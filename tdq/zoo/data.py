@@ -2,7 +2,7 @@
 
 The package ships ``mnist/data/mnist.pkl.gz``: a gzip-compressed Python 2 pickle (``encoding="latin1"``) of
 ``((train_x, train_y), (valid_x, valid_y), (test_x, test_y))`` numpy arrays (50k / 10k / 10k, float32 in
-[0, 1), 784-d rows). It is read with [`RestrictedUnpickler`], which admits only the names needed to
+[0, 1), 784-d rows). It is read with `tdq.utils.safe_pickle.restricted_unpickle`, which admits only the names needed to
 rebuild numpy arrays, so a tampered file cannot run code.
 """
 
@@ -10,90 +10,16 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
-import io
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RestrictedUnpickler", "restricted_loads", "mnist_pickle_path", "load_mnist", "SPLITS"]
+from tdq.utils.safe_pickle import restricted_unpickle
+
+__all__ = ["mnist_pickle_path", "load_mnist", "SPLITS"]
 
 SPLITS = ("train", "valid", "test")
-
-# (module, name) pairs the unpickler may resolve: numpy array / dtype reconstruction and nothing else.
-_ALLOWED_GLOBALS = frozenset(
-    {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("builtins", "tuple"),
-        ("__builtin__", "tuple"),
-        ("copy_reg", "_reconstructor"),
-        ("copyreg", "_reconstructor"),
-        ("__builtin__", "object"),
-        ("builtins", "object"),
-        # Python 3 pickles ``bytes`` at protocol 2 as ``_codecs.encode(str, "latin1")``: a pure conversion.
-        ("_codecs", "encode"),
-    }
-)
-
-
-def _frombuffer(buf, dtype, shape, order):
-    """Rebuild an array pickled with protocol 5 (mirrors ``numpy._core.numeric._frombuffer``)."""
-    if not isinstance(dtype, np.dtype):
-        raise pickle.UnpicklingError(f"bad dtype in pickled array: {type(dtype).__name__}")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    r"""
-    Unpickler that only resolves the globals needed to rebuild numpy arrays.
-
-    Any other global (``os.system``, ``builtins.eval``, arbitrary classes, ...) raises
-    `pickle.UnpicklingError` naming the refused class.
-    """
-
-    def find_class(self, module: str, name: str):  # noqa: D102
-        if (module, name) in _ALLOWED_GLOBALS:
-            if module in ("copy_reg", "copyreg", "__builtin__", "builtins", "_codecs"):
-                return super().find_class(module, name)
-            # Resolve numpy names through numpy itself so the pickle works across numpy 1.x / 2.x.
-            if name == "_reconstruct":
-                return np.ndarray.__reduce__(np.zeros(0))[0]
-            if name == "_frombuffer":  # protocol-5 arrays: np.frombuffer(buf, dtype).reshape(shape)
-                return _frombuffer
-            if name == "scalar":
-                try:
-                    from numpy._core.multiarray import scalar
-                except ImportError:  # numpy < 2
-                    from numpy.core.multiarray import scalar
-                return scalar
-            return getattr(np, name)
-        raise pickle.UnpicklingError(
-            f"refusing to unpickle global {module}.{name}: not a numpy array component"
-        )
-
-
-def restricted_loads(data: bytes, encoding: str = "latin1"):
-    r"""
-    Unpickle ``data`` with [`RestrictedUnpickler`].
-
-    Args:
-        data (`bytes`):
-            The pickle stream.
-        encoding (`str`, *optional*, defaults to `"latin1"`):
-            Encoding for Python 2 ``str`` objects (``latin1`` is needed for numpy arrays pickled by Python 2).
-
-    Returns:
-        The unpickled object (only numpy arrays, tuples, lists, dicts and plain scalars can occur).
-    """
-    return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
 
 
 def mnist_pickle_path() -> Path:
@@ -129,7 +55,7 @@ def _load_all() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         with np.load(cache, allow_pickle=False) as z:
             return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in SPLITS}
     with gzip.open(mnist_pickle_path(), "rb") as f:
-        obj = restricted_loads(f.read())
+        obj = restricted_unpickle(f.read(), encoding="latin1")
     if not (isinstance(obj, tuple | list) and len(obj) == 3):
         raise ValueError(f"unexpected MNIST pickle layout: {type(obj).__name__}")
     out = {}

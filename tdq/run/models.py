@@ -148,7 +148,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> LoadedModel:
     if cfg.source == "random":
         from diffusers import DDPMScheduler
 
-        from tdq.testing import tiny_unet2d
+        from tdq.testing.models import tiny_unet2d
 
         unet = tiny_unet2d(sample_size=cfg.sample_size)
         return LoadedModel(

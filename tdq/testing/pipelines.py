@@ -149,7 +149,7 @@ def tiny_dit_pipeline(seed: int = 0):
     """A tiny `DiTPipeline` (class-conditional DiT on 8×8 latents, the tiny VAE, DDIM), progress bar off."""
     from diffusers import DDIMScheduler, DiTPipeline
 
-    from tdq.testing import tiny_dit
+    from tdq.testing.models import tiny_dit
 
     c = tiny_sd_components(seed)
     pipe = DiTPipeline(

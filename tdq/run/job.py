@@ -16,7 +16,7 @@ import torch
 
 import tdq
 from tdq.config import TDQConfig
-from tdq.models import ModelConfig, load_model
+from tdq.run.models import ModelConfig, load_model
 from tdq.sampling import (
     ConditionedForward,
     DiffusionSampler,
@@ -236,7 +236,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         broadcast_tensor,
         distributed_extract_features,
         distributed_sample,
-        get_state,
+        get_quantization,
         sync_buffers,
     )
     from tdq.eval.reference import (
@@ -248,14 +248,14 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         reference_spec,
         state_dict_fingerprint,
     )
-    from tdq.schedule import PrecisionBudget, plan_precision, plan_uniform, schedule_objective
-    from tdq.sensitivity import profile_sensitivity
+    from tdq.mixed_precision.fisher import profile_sensitivity
+    from tdq.mixed_precision.planners import PrecisionBudget, plan_precision, plan_uniform, schedule_objective
 
     cfg = _to_run_config(cfg)
     cfg.quant.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    state = get_state(cpu=cfg.device == "cpu")
+    state = get_quantization(cpu=cfg.device == "cpu")
     main = state.is_main_process
     run_dir = Path(run_dir)
     if main:

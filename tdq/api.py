@@ -19,21 +19,22 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tdq.adapters import TimestepAdapter, get_adapter
-from tdq.config import TDQConfig, TimestepGrid
+from tdq.adapters import ConstantTimestepAdapter, TimestepAdapter, get_adapter
+from tdq.config import TDQConfig
+from tdq.grid import TimestepGrid
 from tdq.hooks import TimestepHook
-from tdq.quant.modules import QUANT_MODULES, QuantMixin
+from tdq.quant.modules import QuantMixin, quant_module_class
 from tdq.quant.quantizers import TimestepContext
 
 logger = logging.getLogger(__name__)
 
-STATE_ATTR = "_tdq_state"
+QUANTIZATION_ATTR = "_tdq_quantization"
 
 
 @dataclass
-class TDQState:
+class QuantizationInfo:
     r"""
-    What `quantize_` attaches to a model (as `model._tdq_state`).
+    What `quantize_` attaches to a model (as `model._tdq_quantization`; read it with `get_quantization`).
 
     Args:
         config (`TDQConfig`): the config used.
@@ -41,6 +42,7 @@ class TDQState:
         adapter (`TimestepAdapter`): the timestep adapter.
         context (`TimestepContext`): the shared context.
         hook (`TimestepHook` or `None`): the installed hook, if any.
+        filtered (`bool`): whether a `filter_fn` narrowed the layer selection (saved states then list the layers).
     """
 
     config: TDQConfig
@@ -48,21 +50,32 @@ class TDQState:
     adapter: TimestepAdapter
     context: TimestepContext
     hook: TimestepHook | None = None
+    filtered: bool = False
 
 
-def select_layers(model: nn.Module, config: TDQConfig | None = None) -> list[str]:
+def select_layers(
+    model: nn.Module,
+    config: TDQConfig | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> list[str]:
     """
-    Names of the modules `quantize_` would swap: registered float types selected by the config.
+    Names of the modules `quantize_` would swap: instances of registered float types (subclasses included)
+    selected by the config's include/exclude patterns and by `filter_fn`.
 
     Args:
         model (`nn.Module`): the (float) model.
         config (`TDQConfig`, *optional*): layer selection; defaults to `TDQConfig()`.
+        filter_fn (`Callable[[nn.Module, str], bool]`, *optional*): called as `filter_fn(module, name)`; a layer is
+            quantized only where it returns `True`.
     """
     config = config or TDQConfig()
     return [
         name
         for name, m in model.named_modules()
-        if name and type(m) in QUANT_MODULES and config.selects(name) and not isinstance(m, QuantMixin)
+        if name
+        and quant_module_class(m) is not None
+        and config.selects(name)
+        and (filter_fn is None or filter_fn(m, name))
     ]
 
 
@@ -72,6 +85,7 @@ def quantize_(
     *,
     adapter: TimestepAdapter | None = None,
     num_train_timesteps: int = 1000,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> nn.Module:
     """
     Quantize a denoiser in place: swap selected layers for quantized ones and install the timestep hook.
@@ -83,18 +97,20 @@ def quantize_(
         config (`TDQConfig`, *optional*): defaults to `TDQConfig()` (W8A8, 10 buckets).
         adapter (`TimestepAdapter`, *optional*): overrides the adapter found by `get_adapter`.
         num_train_timesteps (`int`, *optional*, defaults to `1000`): length of the training noise schedule.
+        filter_fn (`Callable[[nn.Module, str], bool]`, *optional*): called as `filter_fn(module, name)` for every
+            candidate layer; only layers where it returns `True` are quantized.
 
     Returns:
         The same `model`, for chaining.
     """
     config = config or TDQConfig()
     config.validate()
-    if hasattr(model, STATE_ATTR):
+    if hasattr(model, QUANTIZATION_ATTR):
         raise RuntimeError(f"{type(model).__name__} is already quantized by tdq")
     adapter = adapter or get_adapter(model, num_train_timesteps=num_train_timesteps)
     grid = config.grid.resolve(*adapter.default_grid())
     context = TimestepContext(grid.num_buckets)
-    names = select_layers(model, config)
+    names = select_layers(model, config, filter_fn)
     if not names:
         raise ValueError(
             f"no layer of {type(model).__name__} matches include={config.include} exclude={config.exclude}"
@@ -104,17 +120,19 @@ def quantize_(
         parent = model.get_submodule(parent_name) if parent_name else model
         float_mod = getattr(parent, child)
         wspec, aspec = config.layer_specs(name)
-        qmod = QUANT_MODULES[type(float_mod)].from_float(float_mod, name, wspec, aspec, context)
+        qmod = quant_module_class(float_mod).from_float(float_mod, name, wspec, aspec, context)
         setattr(parent, child, qmod)
-    state = TDQState(config=config, grid=grid, adapter=adapter, context=context)
-    object.__setattr__(model, STATE_ATTR, state)
+    state = QuantizationInfo(
+        config=config, grid=grid, adapter=adapter, context=context, filtered=filter_fn is not None
+    )
+    object.__setattr__(model, QUANTIZATION_ATTR, state)
     install_hook(model)
     return model
 
 
-def get_state(model: nn.Module) -> TDQState:
-    """The `TDQState` of a model quantized by `quantize_`; raises `ValueError` otherwise."""
-    state = getattr(model, STATE_ATTR, None)
+def get_quantization(model: nn.Module) -> QuantizationInfo:
+    """The `QuantizationInfo` of a model quantized by `quantize_`; raises `ValueError` otherwise."""
+    state = getattr(model, QUANTIZATION_ATTR, None)
     if state is None:
         raise ValueError(
             f"{type(model).__name__} is not quantized by tdq; call tdq.quantize_(model, config) first"
@@ -131,7 +149,7 @@ def iter_quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantMixin]]:
 
 def install_hook(model: nn.Module) -> TimestepHook:
     """(Re-)install the timestep hook; quantized layers quantize again."""
-    state = get_state(model)
+    state = get_quantization(model)
     if state.hook is None:
         state.hook = TimestepHook(model, state.adapter, state.grid, state.context)
     return state.hook
@@ -139,7 +157,7 @@ def install_hook(model: nn.Module) -> TimestepHook:
 
 def remove_hook(model: nn.Module) -> None:
     """Remove the timestep hook: the model computes exactly as the float model did (weights are kept in float)."""
-    state = get_state(model)
+    state = get_quantization(model)
     if state.hook is not None:
         state.hook.remove()
         state.hook = None
@@ -148,7 +166,7 @@ def remove_hook(model: nn.Module) -> None:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: run the quantized model in floating point (the FP reference) and restore afterwards."""
-    state = get_state(model)
+    state = get_quantization(model)
     had_hook = state.hook is not None
     remove_hook(model)
     try:
@@ -214,3 +232,40 @@ def calibrate(model: nn.Module, run: Callable[[], object], seed: int = 0) -> dic
     prepare(model, seed=seed)
     run()
     return convert(model)
+
+
+def static_config(base: TDQConfig | None = None) -> TDQConfig:
+    r"""
+    A single-bucket config for a module without a timestep, taking the weight and activation specs of `base`.
+
+    Layer selection (`include`/`exclude`/`overrides`) is not copied: its names refer to the denoiser.
+
+    Args:
+        base (`TDQConfig`, *optional*): config whose weight/activation specs are reused; defaults to `TDQConfig()`.
+    """
+    base = base or TDQConfig()
+    return TDQConfig(
+        weight=base.weight,
+        activation=base.activation,
+        grid=TimestepGrid(units="t", t_min=0.0, t_max=1.0, num_buckets=1),
+    )
+
+
+def quantize_static_(module: nn.Module, config: TDQConfig | None = None) -> nn.Module:
+    r"""
+    Quantize a module that has no timestep (text encoder, VAE decoder) in place with one activation bucket.
+
+    Calibrate it with `tdq.calibration(module)` like a denoiser: every call feeds its single bucket.
+
+    Args:
+        module (`nn.Module`): the module.
+        config (`TDQConfig`, *optional*):
+            Used as is when its grid has one bucket; otherwise its weight/activation specs are taken into
+            `static_config`. Defaults to `static_config()`.
+
+    Returns:
+        The same `module`.
+    """
+    if config is None or config.grid.num_buckets != 1:
+        config = static_config(config)
+    return quantize_(module, config, adapter=ConstantTimestepAdapter())

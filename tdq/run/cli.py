@@ -19,7 +19,7 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     from tdq.config import register_configs
-    from tdq.runner import RunConfig
+    from tdq.run.job import RunConfig
 
     register_configs()
     ConfigStore.instance().store(name="tdq_run_schema", node=RunConfig)
@@ -31,9 +31,9 @@ def _hydra_run(argv: list[str]) -> None:
 
     register_schemas()
 
-    @hydra.main(config_path="configs", config_name="config", version_base="1.3")
+    @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
     def _main(cfg) -> None:
-        from tdq.runner import run_experiment
+        from tdq.run.job import run_experiment
 
         logging.getLogger("tdq").setLevel(logging.INFO)
         run_dir = HydraConfig.get().runtime.output_dir

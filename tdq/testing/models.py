@@ -194,17 +194,18 @@ def denoiser_inputs(
     """
     g = generator or torch.Generator().manual_seed(0)
     name = type(model).__name__
-    if name == "UNet2DModel":
+    bases = {c.__name__ for c in type(model).__mro__}  # subclasses of the diffusers models take their inputs
+    if "UNet2DModel" in bases:
         c, s = model.config.in_channels, model.config.sample_size
         return dict(sample=torch.randn(batch, c, s, s, generator=g), timestep=t)
-    if name == "UNet2DConditionModel":
+    if "UNet2DConditionModel" in bases:
         c, s = model.config.in_channels, model.config.sample_size
         return dict(
             sample=torch.randn(batch, c, s, s, generator=g),
             timestep=t,
             encoder_hidden_states=torch.randn(batch, 5, model.config.cross_attention_dim, generator=g),
         )
-    if name == "DiTTransformer2DModel":
+    if "DiTTransformer2DModel" in bases:
         c, s = model.config.in_channels, model.config.sample_size
         return dict(
             hidden_states=torch.randn(batch, c, s, s, generator=g),
@@ -213,7 +214,7 @@ def denoiser_inputs(
             else torch.full((batch,), t),
             class_labels=torch.arange(batch) % model.config.num_embeds_ada_norm,
         )
-    if name == "PixArtTransformer2DModel":
+    if "PixArtTransformer2DModel" in bases:
         c, s = model.config.in_channels, model.config.sample_size
         return dict(
             hidden_states=torch.randn(batch, c, s, s, generator=g),
@@ -223,7 +224,7 @@ def denoiser_inputs(
             else torch.full((batch,), t),
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         )
-    if name == "SD3Transformer2DModel":
+    if "SD3Transformer2DModel" in bases:
         c, s = model.config.in_channels, model.config.sample_size
         return dict(
             hidden_states=torch.randn(batch, c, s, s, generator=g),
@@ -233,7 +234,7 @@ def denoiser_inputs(
             if not isinstance(t, float)
             else torch.full((batch,), t),
         )
-    if name == "FluxTransformer2DModel":
+    if "FluxTransformer2DModel" in bases:
         n_img, n_txt = 16, 5
         return dict(
             hidden_states=torch.randn(batch, n_img, model.config.in_channels, generator=g),

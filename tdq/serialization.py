@@ -18,7 +18,7 @@ Weights are stored only as codes. Loading writes the dequantized codes into each
 fake-quantized weight, and therefore every output, is bit-exact what it was before saving; `tdq.disabled(model)`
 then runs the model with those dequantized weights, not with the original float weights, which are not stored.
 
-`load_quant_state` checks everything (hash, JSON, schema version, config, layer names, every tensor's name, shape and
+`load_quantization` checks everything (hash, JSON, schema version, config, layer names, every tensor's name, shape and
 dtype) before it changes the model, so a failed load leaves the model untouched.
 """
 
@@ -26,23 +26,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tdq.adapters import TimestepAdapter
-from tdq.config import ConfigError, TDQConfig
+from tdq._version import __version__
+from tdq.adapters import ConstantTimestepAdapter, TimestepAdapter
+from tdq.api import QUANTIZATION_ATTR, get_quantization, iter_quant_layers, quantize_, select_layers
+from tdq.config import TDQConfig
+from tdq.errors import ConfigError
 from tdq.quant import functional as F
-from tdq.quant.modules import QUANT_MODULES
+from tdq.quant.modules import quant_module_class
 from tdq.quant.quantizers import NotCalibratedError, TimestepContext
-from tdq.quantize import STATE_ATTR, get_state, iter_quant_layers, quantize_, select_layers
+from tdq.utils.io import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +58,17 @@ _QUANTIZER_PREFIXES = ("weight_quantizer.", "act_quantizer.")
 
 __all__ = [
     "CONFIG_FILE",
-    "QuantStateError",
+    "SavedQuantizationError",
     "STATE_FILE",
     "STATE_SCHEMA_VERSION",
-    "has_quant_state",
-    "load_quant_state",
-    "read_quant_config",
-    "save_quant_state",
+    "has_saved_quantization",
+    "load_quantization",
+    "read_saved_quantization",
+    "save_quantization",
 ]
 
 
-class QuantStateError(ValueError):
+class SavedQuantizationError(ValueError):
     """Raised when a saved tdq state is missing, corrupted, of an unknown schema, or does not fit the model."""
 
 
@@ -83,29 +84,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
-        raise QuantStateError(f"unknown dtype {name!r} in the tdq sidecar")
+        raise SavedQuantizationError(f"unknown dtype {name!r} in the tdq sidecar")
     return dtype
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _code_layout(bits: int, symmetric: bool) -> str:
@@ -182,19 +162,17 @@ def _adapter_to_dict(adapter: TimestepAdapter) -> dict[str, Any]:
 
 
 def _adapter_from_dict(data: dict[str, Any]) -> TimestepAdapter:
-    from tdq.pipelines.static import ConstantTimestepAdapter
-
     classes = {"TimestepAdapter": TimestepAdapter, "ConstantTimestepAdapter": ConstantTimestepAdapter}
     data = dict(data)
     name = data.pop("class", "TimestepAdapter")
     if name not in classes:
-        raise QuantStateError(
+        raise SavedQuantizationError(
             f"unknown timestep adapter class {name!r} in the tdq sidecar; known: {sorted(classes)}"
         )
     try:
         return classes[name](**data)
     except TypeError as e:
-        raise QuantStateError(f"bad timestep adapter in the tdq sidecar: {e}") from e
+        raise SavedQuantizationError(f"bad timestep adapter in the tdq sidecar: {e}") from e
 
 
 def _meta_probe_state(module: nn.Module, name: str, config: TDQConfig, num_buckets: int) -> dict[str, tuple]:
@@ -209,7 +187,7 @@ def _meta_probe_state(module: nn.Module, name: str, config: TDQConfig, num_bucke
         for k, v in module._buffers.items()
     }
     wspec, aspec = config.layer_specs(name)
-    qmod = QUANT_MODULES[type(module)].from_float(probe, name, wspec, aspec, TimestepContext(num_buckets))
+    qmod = quant_module_class(module).from_float(probe, name, wspec, aspec, TimestepContext(num_buckets))
     return {k: (tuple(v.shape), v.dtype) for k, v in qmod.state_dict().items()}
 
 
@@ -218,7 +196,7 @@ def _meta_probe_state(module: nn.Module, name: str, config: TDQConfig, num_bucke
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_quant_state(
+def save_quantization(
     model: nn.Module,
     directory: str | os.PathLike,
     source_model: str | None = None,
@@ -247,9 +225,7 @@ def save_quant_state(
     """
     from safetensors.torch import save_file
 
-    import tdq
-
-    state = get_state(model)
+    state = get_quantization(model)
     layers = list(iter_quant_layers(model))
     layer_names = {n for n, _ in layers}
     for name, m in layers:
@@ -321,7 +297,7 @@ def save_quant_state(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state_path = directory / STATE_FILE
-    _atomic_write(
+    atomic_write(
         state_path,
         lambda p: save_file(
             tensors, p, metadata={"format": STATE_FORMAT, "schema_version": str(STATE_SCHEMA_VERSION)}
@@ -330,10 +306,11 @@ def save_quant_state(
     sidecar = {
         "format": STATE_FORMAT,
         "schema_version": STATE_SCHEMA_VERSION,
-        "tdq_version": tdq.__version__,
+        "tdq_version": __version__,
         "model_class": type(model).__name__,
         "source_model": source_model,
         "include_float": bool(include_float),
+        "layer_filter": bool(state.filtered),
         "config": state.config.to_dict(),
         "grid": state.grid.to_dict(),
         "adapter": _adapter_to_dict(state.adapter),
@@ -344,9 +321,9 @@ def save_quant_state(
         },
         "layers": layer_info,
         "state_file": STATE_FILE,
-        "state_sha256": _sha256(state_path),
+        "state_sha256": sha256_file(state_path),
     }
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(sidecar, indent=2) + "\n"))
     return directory
 
 
@@ -355,12 +332,12 @@ def save_quant_state(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def has_quant_state(directory: str | os.PathLike) -> bool:
+def has_saved_quantization(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds a tdq state sidecar (`tdq_config.json`)."""
     return (Path(directory) / CONFIG_FILE).is_file()
 
 
-def read_quant_config(directory: str | os.PathLike) -> dict[str, Any]:
+def read_saved_quantization(directory: str | os.PathLike) -> dict[str, Any]:
     r"""
     Read and check the sidecar `tdq_config.json` of a state directory (schema version, required fields).
 
@@ -371,7 +348,7 @@ def read_quant_config(directory: str | os.PathLike) -> dict[str, Any]:
         The sidecar as a `dict`.
 
     Raises:
-        `FileNotFoundError` if the sidecar is missing; `QuantStateError` if it is not valid JSON, has an unknown
+        `FileNotFoundError` if the sidecar is missing; `SavedQuantizationError` if it is not valid JSON, has an unknown
         schema version or lacks a field.
     """
     path = Path(directory) / CONFIG_FILE
@@ -380,19 +357,19 @@ def read_quant_config(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantStateError(f"tdq sidecar {str(path)!r} is corrupted: not valid JSON ({e})") from e
+        raise SavedQuantizationError(f"tdq sidecar {str(path)!r} is corrupted: not valid JSON ({e})") from e
     if not isinstance(data, dict):
-        raise QuantStateError(f"tdq sidecar {str(path)!r} is corrupted: expected a JSON object")
+        raise SavedQuantizationError(f"tdq sidecar {str(path)!r} is corrupted: expected a JSON object")
     version = data.get("schema_version")
     if version not in READABLE_SCHEMA_VERSIONS:
-        raise QuantStateError(
+        raise SavedQuantizationError(
             f"tdq sidecar {str(path)!r} has schema_version={version!r}, which this tdq cannot read; readable "
             f"versions: {list(READABLE_SCHEMA_VERSIONS)}"
         )
     required = ("config", "grid", "adapter", "layers", "state_sha256", "include_float")
     missing = [k for k in required if k not in data]
     if missing:
-        raise QuantStateError(f"tdq sidecar {str(path)!r} is corrupted: missing field(s) {missing}")
+        raise SavedQuantizationError(f"tdq sidecar {str(path)!r} is corrupted: missing field(s) {missing}")
     return data
 
 
@@ -402,27 +379,27 @@ def _read_tensors(directory: Path, sidecar: dict[str, Any]) -> dict[str, torch.T
     path = directory / sidecar.get("state_file", STATE_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"tdq state file {str(path)!r} is missing")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != sidecar["state_sha256"]:
-        raise QuantStateError(
+        raise SavedQuantizationError(
             f"tdq state file {str(path)!r} is corrupted or truncated: its sha256 {digest[:12]}… does not match "
             f"{str(sidecar['state_sha256'])[:12]}… recorded in {CONFIG_FILE}"
         )
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise QuantStateError(f"tdq state file {str(path)!r} cannot be read: {e}") from e
+        raise SavedQuantizationError(f"tdq state file {str(path)!r} cannot be read: {e}") from e
 
 
 def _expected_state(
-    model: nn.Module, config: TDQConfig, num_buckets: int, quantized: bool
+    model: nn.Module, config: TDQConfig, num_buckets: int, quantized: bool, layer_filter=None
 ) -> tuple[list[str], dict[str, tuple[tuple, torch.dtype]]]:
     """The quantized layer names and the `{key: (shape, dtype)}` state of `model` once quantized with `config`."""
     if quantized:
         names = [n for n, _ in iter_quant_layers(model)]
         sd = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
         return names, sd
-    names = select_layers(model, config)
+    names = select_layers(model, config, layer_filter)
     name_set = set(names)
     sd: dict[str, tuple[tuple, torch.dtype]] = {}
     probed: set[str] = set()
@@ -438,7 +415,7 @@ def _expected_state(
     return names, sd
 
 
-def load_quant_state(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_quantization(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     r"""
     Quantize `model` with the saved config and adapter and load the saved tdq state into it (no calibration).
 
@@ -449,57 +426,59 @@ def load_quant_state(model: nn.Module, directory: str | os.PathLike) -> nn.Modul
             The float model of the same architecture (a randomly initialised skeleton is enough for a state saved
             with `include_float=True`), or a model already quantized with the same config.
         directory (`str` or `os.PathLike`):
-            The directory written by `save_quant_state`.
+            The directory written by `save_quantization`.
 
     Returns:
         The same `model`, quantized and calibrated.
 
     Raises:
-        `FileNotFoundError` if a file is missing; `QuantStateError` if the sidecar or the safetensors file is
+        `FileNotFoundError` if a file is missing; `SavedQuantizationError` if the sidecar or the safetensors file is
         corrupted (bad JSON, hash mismatch, truncated), the schema version is unknown, or the state does not fit the
         model (the message names the first mismatched layer).
     """
     directory = Path(directory)
-    sidecar = read_quant_config(directory)
+    sidecar = read_saved_quantization(directory)
     tensors = _read_tensors(directory, sidecar)
     try:
         config = TDQConfig.from_dict(sidecar["config"])
     except (ConfigError, TypeError) as e:
-        raise QuantStateError(f"tdq sidecar in {str(directory)!r} holds an invalid config: {e}") from e
+        raise SavedQuantizationError(f"tdq sidecar in {str(directory)!r} holds an invalid config: {e}") from e
     adapter = _adapter_from_dict(sidecar["adapter"])
     grid = config.grid.resolve(*adapter.default_grid())
     if grid.to_dict() != sidecar["grid"]:
-        raise QuantStateError(
+        raise SavedQuantizationError(
             f"tdq sidecar in {str(directory)!r} is inconsistent: grid {sidecar['grid']} does not follow from its "
             f"config and adapter ({grid.to_dict()})"
         )
     model_name = type(model).__name__
-    quantized = hasattr(model, STATE_ATTR)
+    quantized = hasattr(model, QUANTIZATION_ATTR)
     if quantized:
-        current = get_state(model)
+        current = get_quantization(model)
         if current.config.to_dict() != config.to_dict() or current.grid.to_dict() != grid.to_dict():
-            raise QuantStateError(
+            raise SavedQuantizationError(
                 f"{model_name} is already quantized with another config than the saved state; load the state into "
                 "the float model"
             )
     include_float = bool(sidecar["include_float"])
 
     # 1. layer names, in model order: the first mismatch is named.
-    try:
-        names, expected = _expected_state(model, config, grid.num_buckets, quantized)
-    except (ValueError, RuntimeError) as e:
-        raise QuantStateError(f"the saved tdq state does not fit {model_name}: {e}") from e
     saved_layers = {info["name"]: info for info in sidecar["layers"]}
+    # A state saved from a model quantized with a `filter_fn` lists its layers: only those are quantized again.
+    layer_filter = (lambda m, n: n in saved_layers) if sidecar.get("layer_filter") else None
+    try:
+        names, expected = _expected_state(model, config, grid.num_buckets, quantized, layer_filter)
+    except (ValueError, RuntimeError) as e:
+        raise SavedQuantizationError(f"the saved tdq state does not fit {model_name}: {e}") from e
     for name in names:
         if name not in saved_layers:
-            raise QuantStateError(
+            raise SavedQuantizationError(
                 f"the saved tdq state does not fit {model_name}: first mismatched layer {name!r} is quantized in the "
                 "model but absent from the saved state"
             )
     name_set = set(names)
     for name in saved_layers:
         if name not in name_set:
-            raise QuantStateError(
+            raise SavedQuantizationError(
                 f"the saved tdq state does not fit {model_name}: first mismatched layer {name!r} is in the saved "
                 "state but is not a quantizable layer of the model"
             )
@@ -512,7 +491,7 @@ def load_quant_state(model: nn.Module, directory: str | os.PathLike) -> nn.Modul
         if layer in name_set and key == layer + ".weight":
             info = saved_layers[layer]
             if list(shape) != list(info["weight_shape"]):
-                raise QuantStateError(
+                raise SavedQuantizationError(
                     f"the saved tdq state does not fit {model_name}: first mismatched layer {layer!r} has weight "
                     f"shape {list(info['weight_shape'])} in the saved state and {list(shape)} in the model"
                 )
@@ -525,23 +504,23 @@ def load_quant_state(model: nn.Module, directory: str | os.PathLike) -> nn.Modul
             continue
         checked.add(key)
         if key not in tensors:
-            raise QuantStateError(
+            raise SavedQuantizationError(
                 f"the saved tdq state does not fit {model_name}: first mismatched layer {layer!r}: tensor {key!r} is "
                 "missing from the saved state"
             )
         t = tensors[key]
         if tuple(t.shape) != tuple(shape):
-            raise QuantStateError(
+            raise SavedQuantizationError(
                 f"the saved tdq state does not fit {model_name}: first mismatched layer {layer!r}: tensor {key!r} has "
                 f"shape {list(t.shape)} in the saved state and {list(shape)} in the model"
             )
         if dtype is not None and t.dtype != dtype:
-            raise QuantStateError(
+            raise SavedQuantizationError(
                 f"tdq state is corrupted: codes {key!r} have dtype {t.dtype}, expected {dtype}"
             )
     extra = [k for k in tensors if k not in checked]
     if extra:
-        raise QuantStateError(
+        raise SavedQuantizationError(
             f"the saved tdq state does not fit {model_name}: first mismatched layer "
             f"{_layer_of_key(extra[0], name_set)!r}: tensor {extra[0]!r} is not in the model"
         )
@@ -552,14 +531,14 @@ def load_quant_state(model: nn.Module, directory: str | os.PathLike) -> nn.Modul
         wbits = int(tensors[f"{name}.weight_quantizer.bits"])
         abits = [int(b) for b in tensors[f"{name}.act_quantizer.bits"]]
         if wbits != int(info["weight_bits"]) or abits != [int(b) for b in info["act_bits"]]:
-            raise QuantStateError(
+            raise SavedQuantizationError(
                 f"tdq state is corrupted: layer {name!r} has bits W{wbits}/A{abits} in {STATE_FILE} but "
                 f"W{info['weight_bits']}/A{info['act_bits']} in {CONFIG_FILE}"
             )
         if info["code_layout"] != "float" and info["code_layout"] != _code_layout(
             wbits, config.layer_specs(name)[0].symmetric
         ):
-            raise QuantStateError(
+            raise SavedQuantizationError(
                 f"tdq state is corrupted: layer {name!r} has code layout {info['code_layout']!r}"
             )
 
@@ -589,7 +568,7 @@ def load_quant_state(model: nn.Module, directory: str | os.PathLike) -> nn.Modul
 
     # 5. mutate: quantize (if needed) and load. Everything above was checked, so this does not fail half-way.
     if not quantized:
-        quantize_(model, config, adapter=adapter)
+        quantize_(model, config, adapter=adapter, filter_fn=layer_filter)
     missing, unexpected = model.load_state_dict(load, strict=False)
     if unexpected or (include_float and missing):
         raise RuntimeError(  # pragma: no cover - guarded by the checks above

@@ -1,0 +1,2 @@
+"""`tdq run`: the Hydra-configured main job (load → reference → profile → plan → quantize → calibrate → sample →
+evaluate → report)."""

@@ -1,0 +1,159 @@
+"""File and value helpers shared by every layer: sha256, atomic writes, JSON-safe values, JSON sidecars.
+
+Each helper exists once, here; the saved-state, profile, schedule, reference-cache, report and asset code call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_copy",
+    "atomic_write",
+    "atomic_write_bytes",
+    "json_safe",
+    "read_json_object",
+    "sha256_bytes",
+    "sha256_file",
+]
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """sha256 hex digest of a file.
+
+    Args:
+        path (`str` or `os.PathLike`): the file.
+        chunk_size (`int`, *optional*, defaults to `1 << 20`): read size in bytes.
+
+    Returns:
+        `str`: the hex digest.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """sha256 hex digest of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mode: int | None = None) -> None:
+    """
+    Write `path` through a temporary file in the same directory, then rename, so readers never see half a file.
+
+    Args:
+        path (`str` or `os.PathLike`): the destination; its parent directory is created.
+        write (`Callable[[str], Any]`): writes the content to the temporary path it is given.
+        mode (`int`, *optional*): file mode to set before the rename (e.g. `0o644`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{uuid.uuid4().hex[:8]}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically write `data` to `path` (see `atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *, mode: int | None = 0o644) -> None:
+    """Atomically copy the file `src` to `dst` (see `atomic_write`)."""
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp), mode=mode)
+
+
+def json_safe(obj: Any, *, exact_floats: bool = False) -> Any:
+    """Convert a value to strict-JSON-compatible Python objects.
+
+    Tensors and numpy arrays become (nested) lists or scalars, paths become strings, dict keys are stringified,
+    objects with `to_dict()` are converted through it.
+
+    Args:
+        obj (`Any`): the value.
+        exact_floats (`bool`, *optional*, defaults to `False`):
+            If `False`, NaN becomes `None` and ``±inf`` the strings ``"inf"`` / ``"-inf"``; if `True`, every float
+            becomes its exact `repr` string (for cache keys that must not depend on float printing).
+
+    Returns:
+        `Any`: a value that ``json.dumps(..., allow_nan=False)`` accepts.
+    """
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu()
+        obj = obj.item() if obj.ndim == 0 else obj.tolist()
+    elif isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    elif isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
+        return obj
+    if isinstance(obj, float):
+        if exact_floats:
+            return repr(obj)
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v, exact_floats=exact_floats) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [json_safe(v, exact_floats=exact_floats) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "to_dict"):
+        return json_safe(obj.to_dict(), exact_floats=exact_floats)
+    return str(obj)
+
+
+def read_json_object(
+    path: str | os.PathLike, error: type[Exception] = ValueError, what: str = "JSON file"
+) -> dict:
+    """
+    Read a JSON file that must hold one object; any problem raises `error` with a message naming the file.
+
+    Args:
+        path (`str` or `os.PathLike`): the file.
+        error (`type[Exception]`, *optional*, defaults to `ValueError`): the exception type to raise.
+        what (`str`, *optional*): what the file is, for the message (e.g. `"precision schedule"`).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(
+            f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); it may be truncated"
+        ) from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
+    return data

@@ -20,11 +20,11 @@ SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from safetensors.torch import save_file
-    from tdq.eval.distributed import distributed_extract_features, distributed_sample, get_quantization
+    from tdq.eval.distributed import distributed_extract_features, distributed_sample, get_process_state
     sys.path.insert(0, {tests!r})
     from test_distributed import SEEDS, make_sampler, make_feature
 
-    state = get_quantization(cpu=True)
+    state = get_process_state(cpu=True)
     assert state.num_processes == 2, state.num_processes
     res = distributed_sample(make_sampler(), SEEDS, state)
     feats = distributed_extract_features(res.images, make_feature(), state, batch_size=2)

@@ -30,13 +30,13 @@ __all__ = [
     "distributed_extract_features",
     "distributed_sample",
     "gather_rows",
-    "get_quantization",
+    "get_process_state",
     "shard_batches",
     "sync_buffers",
 ]
 
 
-def get_quantization(cpu: bool = False) -> Any:
+def get_process_state(cpu: bool = False) -> Any:
     r"""
     The process group of this run as an `accelerate.Accelerator`.
 

@@ -236,7 +236,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         broadcast_tensor,
         distributed_extract_features,
         distributed_sample,
-        get_quantization,
+        get_process_state,
         sync_buffers,
     )
     from tdq.eval.reference import (
@@ -255,7 +255,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
     cfg.quant.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    state = get_quantization(cpu=cfg.device == "cpu")
+    state = get_process_state(cpu=cfg.device == "cpu")
     main = state.is_main_process
     run_dir = Path(run_dir)
     if main:

@@ -1,7 +1,11 @@
-"""tdq: timestep-aware quantization for diffusion models."""
+"""tdq: timestep-aware quantization for diffusion models.
+
+The verbs (`quantize_`, `calibration`, `disabled`, `wrap`), the config (`TDQConfig`, `QuantSpec`, `TimestepGrid`),
+saved quantization (`save_quantization`, `load_quantization`) and the drop-in `TDQPipeline` for Stable Diffusion.
+"""
 
 from tdq._version import __version__ as __version__
-from tdq.adapters import TimestepAdapter, TimestepArgumentError, get_adapter
+from tdq.adapters import TimestepAdapter, TimestepArgumentError, get_adapter, register_adapter
 from tdq.api import (
     calibrate,
     calibration,
@@ -12,6 +16,7 @@ from tdq.api import (
     iter_quant_layers,
     prepare,
     quantize_,
+    quantize_static_,
     remove_hook,
     select_layers,
 )
@@ -20,7 +25,25 @@ from tdq.errors import ConfigError
 from tdq.grid import TimestepGrid
 from tdq.hooks import TimestepHook
 from tdq.pipelines.wrap import wrap
-from tdq.quant import NotCalibratedError, QuantConv2d, QuantLinear, TimestepActQuantizer, WeightQuantizer
+from tdq.quant import (
+    NotCalibratedError,
+    QuantConv2d,
+    QuantLinear,
+    TimestepActQuantizer,
+    WeightQuantizer,
+    register_quant_module,
+)
+from tdq.serialization import load_quantization, save_quantization
+
+
+def __getattr__(name):
+    # `TDQPipeline` imports diffusers' Stable Diffusion and transformers: loaded on first use, so `import tdq` is light.
+    if name == "TDQPipeline":
+        from tdq.pipelines.stable_diffusion import TDQPipeline
+
+        return TDQPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",
@@ -29,6 +52,7 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "QuantSpec",
+    "TDQPipeline",
     "TDQConfig",
     "TimestepActQuantizer",
     "TimestepAdapter",
@@ -43,10 +67,15 @@ __all__ = [
     "get_adapter",
     "get_quantization",
     "install_hook",
+    "load_quantization",
     "iter_quant_layers",
     "prepare",
     "quantize_",
+    "quantize_static_",
+    "register_adapter",
+    "register_quant_module",
     "remove_hook",
+    "save_quantization",
     "select_layers",
     "wrap",
 ]

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tdq.adapters import TimestepAdapter, TimestepArgumentError, get_adapter
 from tdq.config import QuantSpec, TDQConfig
 from tdq.grid import TimestepGrid
+from tdq.mixed_precision.families import DDPMFamily, EDMFamily, NoiseFamily, is_ddpm_scheduler, noise_family
 from tdq.mixed_precision.profile import SensitivityProfile
 
 __all__ = ["default_forward_fn", "profile_sensitivity"]
@@ -60,28 +62,73 @@ def _timesteps_in_units(scheduler: Any, units: str, num_train: int) -> torch.Ten
     raise ValueError(f"grid units {units!r} are not supported by profile_sensitivity")
 
 
-def _resolve_grid(
-    grid: TimestepGrid | dict | None, config: TDQConfig | None, scheduler: Any, num_train: int
-) -> tuple[TimestepGrid, torch.Tensor]:
-    """The resolved grid and the grid-unit value of every train timestep."""
+def _resolve_grid_and_family(
+    grid: TimestepGrid | dict | None,
+    config: TDQConfig | None,
+    scheduler: Any,
+    num_train: int,
+    adapter: TimestepAdapter | None,
+    family: NoiseFamily | None,
+) -> tuple[TimestepGrid, NoiseFamily]:
+    """The resolved grid and the noise family that draws noise levels in its units."""
     if grid is None:
         if config is None:
             raise ValueError("profile_sensitivity needs a grid (or a config whose grid is used)")
         grid = config.grid
     if isinstance(grid, dict):
         grid = TimestepGrid(**grid)
-    units = "train_timestep" if grid.units == "auto" else grid.units
-    u = _timesteps_in_units(scheduler, units, num_train)
-    if not grid.resolved:
-        if units == "t":
-            lo, hi = 0.0, 1.0
-        elif units == "sigma":
-            lo, hi = float(u.min()), float(u.max())
+    ddpm = isinstance(family, DDPMFamily) or (family is None and is_ddpm_scheduler(scheduler))
+    if grid.units == "auto":
+        if ddpm or adapter is None:
+            units = "train_timestep"
         else:
-            lo, hi = 0.0, float(num_train - 1)
-        grid = grid.resolve(units, lo, hi, spacing="log" if units == "sigma" else None)
+            units = adapter.units
+    else:
+        units = grid.units
+    scale = adapter.scale if adapter is not None else 1.0
+
+    def to_model(v: torch.Tensor) -> torch.Tensor:
+        return v / scale if scale != 1.0 else v
+
+    values = None
+    if ddpm:
+        values = _timesteps_in_units(scheduler, units, num_train)
+    if family is None:
+        family = noise_family(scheduler, units, (lambda: values) if values is not None else None, to_model)
+    if not grid.resolved:
+        if isinstance(family, DDPMFamily):
+            values = family.grid_values
+            lo, hi = (0.0, 1.0) if units == "t" else (float(values.min()), float(values.max()))
+            if units == "train_timestep":
+                lo, hi = 0.0, float(num_train - 1)
+            grid = grid.resolve(units, lo, hi, spacing="log" if units == "sigma" else None)
+        elif isinstance(family, EDMFamily) and family.scheduler is not None and units == "sigma":
+            cfg = family.scheduler.config
+            grid = grid.resolve("sigma", float(cfg.sigma_min), float(cfg.sigma_max), spacing="log")
+        elif adapter is not None and adapter.units == units:
+            grid = grid.resolve(*adapter.default_grid())
+        else:
+            grid = grid.resolve(units, 0.0, 1.0) if units == "t" else grid
+    if not grid.resolved:
+        raise ValueError(f"cannot resolve the {units!r} grid for profiling: pass a resolved TimestepGrid")
     grid.validate()
-    return grid, u
+    return grid, family
+
+
+def _occupancy_weights(
+    grid: TimestepGrid, step_timesteps: Sequence[float] | torch.Tensor | None, adapter: TimestepAdapter | None
+) -> torch.Tensor | None:
+    """Share of the sampler's steps per bucket, normalised to mean 1 (`None` without step timesteps)."""
+    if step_timesteps is None:
+        return None
+    raw = torch.as_tensor(step_timesteps, dtype=torch.float64).reshape(-1)
+    if raw.numel() == 0 or not bool(torch.isfinite(raw).all()):
+        raise ValueError("step_timesteps must be a non-empty sequence of finite timesteps")
+    values = raw * (adapter.scale if adapter is not None else 1.0)
+    inner = grid.edges()[1:-1].to(torch.float64)
+    buckets = torch.bucketize(values, inner, right=True)
+    counts = torch.bincount(buckets, minlength=grid.num_buckets).to(torch.float64)
+    return counts * grid.num_buckets / counts.sum()
 
 
 def _select_layers(
@@ -135,19 +182,6 @@ def _per_output_macs(module: nn.Module) -> int:
     return module.in_features
 
 
-def _loss_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    prediction_type = getattr(scheduler, "config", {}).get("prediction_type", "epsilon") or "epsilon"
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    if prediction_type == "sample":
-        return x0
-    raise ValueError(
-        f"prediction_type={prediction_type!r} is not supported; use epsilon, v_prediction or sample"
-    )
-
-
 def profile_sensitivity(
     denoiser: nn.Module,
     scheduler: Any,
@@ -161,14 +195,19 @@ def profile_sensitivity(
     forward_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
     progress: bool = True,
+    family: NoiseFamily | None = None,
+    step_timesteps: Sequence[float] | torch.Tensor | None = None,
 ) -> SensitivityProfile:
     r"""
     Measure the Fisher sensitivity of every layer's input activation and weight in every timestep bucket.
 
-    For each bucket, `samples_per_bucket` integer train timesteps are drawn uniformly among those whose grid value
-    lies inside the bucket, clean samples `x0` (cycled) are noised with `scheduler.add_noise`, and the denoising
-    loss (per-sample mean squared error against the target given by `scheduler.config.prediction_type`, summed
-    over the batch) is back-propagated. Hooks record the squared gradients of each selected layer's input (through
+    For each bucket, `samples_per_bucket` noise levels whose grid value lies inside the bucket are drawn, clean
+    samples `x0` (cycled) are noised with the scheduler family's forward process, and the family's training loss
+    (per-sample weighted mean squared error against its target, summed over the batch) is back-propagated. The
+    family (`tdq.mixed_precision.families`) follows the scheduler: DDPM-type (`alphas_cumprod`: integer train
+    timesteps, ε / v / x0 targets from `prediction_type`), EDM/σ (`x = x0 + σε`, EDM preconditioning and loss
+    weight) or flow matching (`x_t = (1 − t)x0 + tε`, velocity target); a plain `f(x, sigma)` or `f(x, t)` module
+    needs no scheduler. Hooks record the squared gradients of each selected layer's input (through
     that layer only) and weight, the input's min/max and, on the first batch, the layer's MACs.
 
     The model runs in eval mode; its training flag, `requires_grad` flags and `.grad` tensors are restored and all
@@ -178,9 +217,11 @@ def profile_sensitivity(
     Args:
         denoiser (`torch.nn.Module`):
             The floating-point denoiser (e.g. `UNet2DModel`).
-        scheduler (diffusers scheduler):
-            Supplies `add_noise`, `config.num_train_timesteps`, `config.prediction_type` (and `get_velocity` for
-            v-prediction, `alphas_cumprod` for sigma grids). Flow-matching schedulers are not supported.
+        scheduler (diffusers scheduler or `None`):
+            Selects the noise family: DDPM-type schedulers supply `add_noise`, `config.num_train_timesteps`,
+            `config.prediction_type` (and `get_velocity` for v-prediction, `alphas_cumprod` for sigma grids); EDM
+            schedulers their `precondition_*` functions and `sigma_data`; flow-matching schedulers nothing more.
+            `None` for a plain σ- or t-conditioned module (grid units `"sigma"` or `"t"`).
         x0 (`torch.Tensor` of shape `[N, ...]`):
             Clean samples (latents for latent models): the FP model's own samples (data-free) or real data. Moved
             to the denoiser's device.
@@ -206,6 +247,12 @@ def profile_sensitivity(
             Seed for timesteps and noise (bucket `k` uses its own generator, so buckets are independent).
         progress (`bool`, *optional*, defaults to `True`):
             Show a tqdm progress bar.
+        family (`NoiseFamily`, *optional*):
+            Overrides the family chosen from the scheduler (e.g. `EDMFamily(sigma_data=1.0)`).
+        step_timesteps (`Sequence[float]`, *optional*):
+            The timesteps the sampler in use passes to the denoiser (in the adapter's raw units, as the hook reads
+            them). Each bucket's Fisher is then weighted by the share of sampler steps that land in it (normalised to
+            mean 1 over buckets; buckets no step reaches get 0), recorded as `meta["bucket_weights"]`.
 
     Returns:
         `SensitivityProfile`.
@@ -214,33 +261,24 @@ def profile_sensitivity(
         raise ValueError("x0 must be a tensor of clean samples with shape [N, ...], N >= 1")
     if int(samples_per_bucket) < 1 or int(batch_size) < 1:
         raise ValueError("samples_per_bucket and batch_size must be positive integers")
-    if not callable(getattr(scheduler, "add_noise", None)):
-        raise ValueError(
-            f"{type(scheduler).__name__} has no add_noise(); profile_sensitivity needs a DDPM-style scheduler"
-        )
     forward_fn = forward_fn or default_forward_fn
-    num_train = int(scheduler.config.num_train_timesteps)
+    config_of = getattr(scheduler, "config", {}) or {}
+    num_train = int(config_of.get("num_train_timesteps", 1000))
+    try:
+        adapter = get_adapter(denoiser, num_train_timesteps=num_train)
+    except TimestepArgumentError:
+        adapter = None
 
     selected = _select_layers(denoiser, layers, config)
     names = [n for n, _ in selected]
     modules = [m for _, m in selected]
     num_layers = len(selected)
 
-    grid_obj, u_grid = _resolve_grid(grid, config, scheduler, num_train)
+    grid_obj, family = _resolve_grid_and_family(grid, config, scheduler, num_train, adapter, family)
     num_buckets = grid_obj.num_buckets
-    edges = grid_obj.edges()
-
-    # Candidate train timesteps per bucket.
-    candidates: list[torch.Tensor] = []
+    edges = grid_obj.edges().tolist()
+    bucket_weights = _occupancy_weights(grid_obj, step_timesteps, adapter)
     empty_buckets: list[int] = []
-    for k in range(num_buckets):
-        hi_ok = u_grid <= edges[k + 1] if k == num_buckets - 1 else u_grid < edges[k + 1]
-        cand = torch.nonzero((u_grid >= edges[k]) & hi_ok).flatten()
-        if cand.numel() == 0:
-            center = grid_obj.centers()[k]
-            cand = torch.argmin((u_grid - center).abs()).reshape(1)
-            empty_buckets.append(k)
-        candidates.append(cand)
 
     weight_spec = (
         config.weight if config is not None else QuantSpec(granularity="per_channel", symmetric=True)
@@ -332,27 +370,30 @@ def profile_sensitivity(
         with torch.enable_grad():
             for k in range(num_buckets):
                 gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
-                cand = candidates[k]
-                t_all = cand[torch.randint(cand.numel(), (int(samples_per_bucket),), generator=gen)]
+                t_all, empty = family.draw(
+                    edges[k], edges[k + 1], k == num_buckets - 1, int(samples_per_bucket), gen
+                )
+                if empty:
+                    empty_buckets.append(k)
                 noise_all = torch.randn(
                     (int(samples_per_bucket), *x0.shape[1:]), generator=gen, dtype=torch.float32
                 )
                 idx_all = torch.arange(int(samples_per_bucket)) % x0.shape[0]
-                timestep_ranges.append([int(t_all.min()), int(t_all.max())])
+                lo_t, hi_t = t_all.min().item(), t_all.max().item()
+                timestep_ranges.append([lo_t, hi_t])
                 num_batches = 0
                 for start in range(0, int(samples_per_bucket), int(batch_size)):
                     sl = slice(start, min(start + int(batch_size), int(samples_per_bucket)))
                     xb = x0[idx_all[sl].to(device)]
                     noise = noise_all[sl].to(device=device, dtype=x0.dtype)
-                    t = t_all[sl].to(device=device, dtype=torch.long)
-                    x_t = scheduler.add_noise(xb, noise, t)
-                    target = _loss_target(scheduler, xb, noise, t)
+                    level = t_all[sl]
+                    x_t = family.noised(xb, noise, level)
 
                     batch_sq.zero_()
                     batch_min.fill_(math.inf)
                     batch_max.fill_(-math.inf)
                     state["measure_macs"] = first_batch
-                    pred = forward_fn(denoiser, x_t, t)
+                    pred, target = family.predict_and_target(denoiser, forward_fn, xb, noise, x_t, level)
                     state["measure_macs"] = False
                     if (
                         pred.shape != target.shape
@@ -365,7 +406,8 @@ def profile_sensitivity(
                             f"the denoiser's prediction has shape {list(pred.shape)} but the target has "
                             f"{list(target.shape)}; pass a forward_fn that returns the prediction"
                         )
-                    loss = (pred.float() - target.float()).pow(2).flatten(1).mean(1).sum()
+                    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+                    loss = (family.weight(level).to(per_sample.device) * per_sample).sum()
                     if not loss.requires_grad:
                         raise RuntimeError(
                             "none of the selected layers takes part in the denoiser's forward pass"
@@ -405,15 +447,20 @@ def profile_sensitivity(
         denoiser.train(was_training)
 
     act_range = torch.where(torch.isfinite(act_max - act_min), act_max - act_min, torch.zeros_like(act_max))
+    if bucket_weights is not None:
+        act_fisher *= bucket_weights
+        weight_fisher *= bucket_weights
     meta = {
         "seed": int(seed),
         "samples_per_bucket": int(samples_per_bucket),
         "batch_size": int(batch_size),
         "num_x0": int(x0.shape[0]),
         "denoiser": type(denoiser).__name__,
-        "scheduler": type(scheduler).__name__,
+        "scheduler": type(scheduler).__name__ if scheduler is not None else None,
         "num_train_timesteps": num_train,
-        "prediction_type": getattr(scheduler, "config", {}).get("prediction_type", "epsilon"),
+        "prediction_type": config_of.get("prediction_type", "epsilon"),
+        "noise_family": family.describe(),
+        "bucket_weights": None if bucket_weights is None else bucket_weights.tolist(),
         "act_fisher_estimator": "per_sample_exact",
         "weight_fisher_estimator": "batch_gradient",
         "weight_range": "rms_group_span",

@@ -124,7 +124,7 @@ def clip_score(images32: torch.Tensor, prompts: list[str]) -> float:
     """
     from transformers import CLIPModel, CLIPTokenizer
 
-    from tdq.zoo.latent import _pooled
+    from tdq.zoo.latent_models import _pooled
 
     d = _model_dir("mnist-clip")
     model, tok = CLIPModel.from_pretrained(d).eval(), CLIPTokenizer.from_pretrained(d)

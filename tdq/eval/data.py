@@ -8,7 +8,6 @@ the class histogram and, for paired FP/quantized samples, how often both are rea
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from tdq.eval.metrics import frechet_distance, kid_from_features
+from tdq.utils.io import sha256_bytes
 
 __all__ = [
     "DATASETS",
@@ -95,7 +95,7 @@ def data_spec(name: str, images: torch.Tensor) -> dict[str, Any]:
         "dataset": name,
         "count": int(t.shape[0]),
         "shape": list(t.shape[1:]),
-        "sha256": hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest(),
+        "sha256": sha256_bytes(t.reshape(-1).view(torch.uint8).numpy().tobytes()),
     }
 
 

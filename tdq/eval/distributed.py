@@ -220,8 +220,8 @@ def distributed_sample(
     timesteps = sampler.timesteps()
     steps = len(timesteps) if sampler.record_trajectory else 0
     # Latent samplers keep the trajectory and final latents in latent space; pixel samplers in image space.
-    latent = hasattr(sampler, "latent_shape")
-    tshape = tuple(sampler.latent_shape) if latent else tuple(sampler.sample_shape)
+    latent = sampler.keeps_latents
+    tshape = tuple(sampler.model_shape)
     if local:
         part = sampler(local, desc=f"{desc} [{state.process_index}]")
         images, latents = part.images, part.latents

@@ -6,7 +6,6 @@ supplies the offline weights (:mod:`tdq.assets`), batching, small-sample handlin
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdq.assets import load_state_dict, resolve
+from tdq.utils.io import sha256_file
 
 __all__ = [
     "build_lpips",
@@ -108,7 +108,7 @@ def build_lpips(
         )
 
     head_file = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
-    digest = hashlib.sha256(head_file.read_bytes()).hexdigest()
+    digest = sha256_file(head_file)
     if digest != _LPIPS_HEAD_SHA256[net]:
         raise ValueError(f"{head_file} has sha256 {digest}, expected {_LPIPS_HEAD_SHA256[net]} (lpips 0.1.4)")
     heads = torch.load(head_file, map_location="cpu", weights_only=True)

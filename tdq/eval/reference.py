@@ -420,8 +420,8 @@ def cached_samples(
     seeds = [int(s) for s in seeds]
     n, shape = len(seeds), tuple(sampler.sample_shape)
     # Latent samplers also return final latents; their trajectory lives in latent space.
-    latent = hasattr(sampler, "latent_shape")
-    tshape = tuple(sampler.latent_shape) if latent else shape
+    latent = sampler.keeps_latents
+    tshape = tuple(sampler.model_shape)
     steps = len(sampler.timesteps())
     with_traj = bool(spec.get("trajectory", sampler.record_trajectory))
     result, info = None, CacheInfo("disabled")

@@ -23,6 +23,7 @@ __all__ = [
     "atomic_copy",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_write_dir",
     "json_safe",
     "read_json_object",
     "sha256_bytes",
@@ -85,6 +86,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *, mode: int | None = 0o644) -> None:
     """Atomically copy the file `src` to `dst` (see `atomic_write`)."""
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp), mode=mode)
+
+
+def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """
+    Write the directory `path` through a temporary sibling directory, then swap it in, so readers see either the
+    old directory or the complete new one (an existing `path` is replaced).
+
+    Args:
+        path (`str` or `os.PathLike`): the destination directory; its parent is created.
+        write (`Callable[[pathlib.Path], Any]`): fills the (existing, empty) temporary directory it is given.
+
+    Returns:
+        `pathlib.Path`: `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = path.parent / f".tmp_{path.name}", path.parent / f".old_{path.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def json_safe(obj: Any, *, exact_floats: bool = False) -> Any:

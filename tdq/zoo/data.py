@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
-import os
 from pathlib import Path
 
 import numpy as np
 
+from tdq.utils.io import atomic_write
 from tdq.utils.safe_pickle import restricted_unpickle
 
 __all__ = ["mnist_pickle_path", "load_mnist", "SPLITS"]
@@ -63,11 +63,14 @@ def _load_all() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         x = np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28)
         y = np.asarray(y, dtype=np.int64)
         out[split] = (x, y)
+    arrays = {f"{s}_{k}": v for s, (x, y) in out.items() for k, v in (("x", x), ("y", y))}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, **arrays)
+
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **{f"{s}_{k}": v for s, (x, y) in out.items() for k, v in (("x", x), ("y", y))})
-        os.replace(tmp, cache)
+        atomic_write(cache, write)
     except OSError:
         pass
     return out

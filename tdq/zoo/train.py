@@ -10,23 +10,23 @@ state file are written to ``DIR/ckpt/step_XXXXXXX/`` (safetensors for weights, `
 Data order, noise and timesteps are derived from ``(seed, step)``, so a resumed run draws the same
 batches as an uninterrupted one. Every ``--export-every`` steps the EMA weights are exported in diffusers
 format (``unet/`` + ``scheduler/`` + ``model_index.json``) to ``--export`` (by default the packaged
-``tdq/zoo/checkpoints/<name>/``), so a usable model exists even when training is killed.
+``tdq/zoo/checkpoints/<name>/``), so a usable model exists even when training is killed. The loop itself is
+[`tdq.zoo.loop.train_loop`], shared with the latent zoo models (``python -m tdq.zoo.latent``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from tdq.utils.io import atomic_write_dir
+from tdq.zoo.loop import batch_indices as _batch_indices  # noqa: F401 (the name tests and notebooks use)
+from tdq.zoo.loop import checkpoint_dirs, load_weights, noised_batch, train_loop
 
 __all__ = ["TRAIN_CONFIGS", "build_unet", "build_scheduler", "train", "export_latest", "main"]
 
@@ -98,71 +98,15 @@ def build_scheduler(name: str):
     return DDPMScheduler(**TRAIN_CONFIGS[name]["scheduler"])
 
 
-def _lr_at(step: int, cfg: dict) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``cfg['steps']``."""
-    base, warm, total = cfg["lr"], cfg["warmup"], max(cfg["steps"], cfg["warmup"] + 1)
-    if step < warm:
-        return base * (step + 1) / warm
-    frac = min(1.0, (step - warm) / (total - warm))
-    lo = cfg["min_lr_ratio"]
-    return base * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def _ckpt_dirs(out: Path) -> list[Path]:
-    root = out / "ckpt"
-    if not root.is_dir():
-        return []
-    return sorted(
-        p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith("step_") and (p / "state.json").is_file()
-    )
-
-
-def _save_checkpoint(out: Path, step: int, model, ema, opt, extra: dict, keep: int = 2) -> Path:
-    from safetensors.torch import save_file
-
-    root = out / "ckpt"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    save_file({k: v.detach().contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-    torch.save(opt.state_dict(), tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in _ckpt_dirs(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def _export(name: str, ema, export_dir: Path, info: dict) -> Path:
     """Write ``ema`` as a diffusers ``DDPMPipeline`` (unet/ + scheduler/ + model_index.json), atomically."""
     from diffusers import DDPMPipeline
 
-    export_dir = Path(export_dir)
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = export_dir.parent / f".tmp_{export_dir.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe = DDPMPipeline(unet=ema, scheduler=build_scheduler(name))
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
-    old = export_dir.parent / f".old_{export_dir.name}"
-    shutil.rmtree(old, ignore_errors=True)
-    if export_dir.exists():
-        os.replace(export_dir, old)
-    os.replace(tmp, export_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return export_dir
+    def write(tmp: Path) -> None:
+        DDPMPipeline(unet=ema, scheduler=build_scheduler(name)).save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
 
-
-def _load_weights(module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    module.load_state_dict(load_file(str(path)))
+    return atomic_write_dir(export_dir, write)
 
 
 def export_latest(name: str, out: str | Path, export_dir: str | Path | None = None) -> Path:
@@ -181,11 +125,11 @@ def export_latest(name: str, out: str | Path, export_dir: str | Path | None = No
         `pathlib.Path`: the export directory.
     """
     out = Path(out)
-    ckpts = _ckpt_dirs(out)
+    ckpts = checkpoint_dirs(out)
     if not ckpts:
         raise FileNotFoundError(f"no checkpoint under {out / 'ckpt'}")
     ema = build_unet(name)
-    _load_weights(ema, ckpts[-1] / "ema.safetensors")
+    load_weights(ema, ckpts[-1] / "ema.safetensors")
     state = json.loads((ckpts[-1] / "state.json").read_text())
     return _export(name, ema, Path(export_dir) if export_dir else CHECKPOINT_ROOT / name, _info(name, state))
 
@@ -202,24 +146,6 @@ def _info(name: str, state: dict) -> dict:
         | state.get("overrides", {}),
         "train_command": f"python -m tdq.zoo.train {name}",
     }
-
-
-@torch.no_grad()
-def ema_update_(ema, model, step: int, max_decay: float) -> None:
-    """Move `ema`'s parameters toward `model`'s (decay warms up as `(1 + step) / (10 + step)`); copy buffers."""
-    decay = min(max_decay, (1 + step) / (10 + step))
-    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-        pe.lerp_(pm, 1 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
-        be.copy_(bm)
-
-
-def _batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
-    """Indices of the batch for global ``step``: a fresh permutation per epoch, seeded by ``(seed, epoch)``."""
-    per_epoch = n // batch
-    epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[pos * batch : (pos + 1) * batch]
 
 
 def train(
@@ -271,7 +197,6 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     export_dir = Path(export_dir) if export_dir else CHECKPOINT_ROOT / name
-    log_path = out / "train_log.jsonl"
 
     xs = [load_mnist(s)[0] for s in ("train", "valid")]  # 60k images; the test split stays held out
     data = torch.from_numpy(np.concatenate(xs)).mul_(2).sub_(1)  # [-1, 1]
@@ -279,94 +204,28 @@ def train(
 
     torch.manual_seed(cfg["seed"])
     model = build_unet(name)
-    ema = build_unet(name)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    sched = build_scheduler(name)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    alphas = build_scheduler(name).alphas_cumprod
+    print(f"{name}: {n} images", flush=True)
 
-    step, seconds, loss_avg = 0, 0.0, None
-    ckpts = _ckpt_dirs(out)
-    if ckpts:
-        last = ckpts[-1]
-        _load_weights(model, last / "model.safetensors")
-        _load_weights(ema, last / "ema.safetensors")
-        opt.load_state_dict(torch.load(last / "optim.pt", weights_only=True, map_location="cpu"))
-        st = json.loads((last / "state.json").read_text())
-        step, seconds, loss_avg = st["step"], st.get("seconds_trained", 0.0), st.get("loss_avg")
-        print(f"resumed from {last} at step {step}", flush=True)
-    nparams = sum(p.numel() for p in model.parameters())
-    print(
-        f"{name}: {nparams / 1e6:.2f}M params, {n} images, target {cfg['steps']} steps, batch {cfg['batch_size']}",
-        flush=True,
+    def step_fn(model, step: int, gen: torch.Generator) -> torch.Tensor:
+        _, xt, t, noise = noised_batch(data, step, cfg, gen, alphas)
+        return torch.nn.functional.mse_loss(model(xt, t).sample, noise)
+
+    def export_fn(ema, state: dict) -> None:
+        _export(name, ema, export_dir, _info(name, state))
+
+    train_loop(
+        model,
+        cfg,
+        out,
+        step_fn,
+        export_fn,
+        ckpt_every=ckpt_every,
+        export_every=export_every,
+        log_every=log_every,
+        state={"overrides": overrides, "name": name},
     )
-
-    stop = {"flag": False}
-
-    def _on_term(signum, frame):  # finish the current step, then checkpoint + export
-        stop["flag"] = True
-
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.signal(signal.SIGINT, _on_term)
-
-    def _state():
-        return {"seconds_trained": seconds, "loss_avg": loss_avg, "overrides": overrides, "name": name}
-
-    alphas = sched.alphas_cumprod
-    model.train()
-    win_t, win_l = [], []
-    last_saved = step
-    while step < cfg["steps"] and not stop["flag"]:
-        t0 = time.perf_counter()
-        lr_now = _lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr_now
-        idx = _batch_indices(step, cfg["batch_size"], n, cfg["seed"])
-        x0 = data[torch.from_numpy(idx)]
-        gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = model(xt, t).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
-        step += 1
-        ema_update_(ema, model, step, cfg["ema_decay"])
-        dt = time.perf_counter() - t0
-        seconds += dt
-        lv = float(loss.detach())
-        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
-        win_t.append(dt)
-        win_l.append(lv)
-        if step % log_every == 0:
-            rec = {
-                "step": step,
-                "loss": sum(win_l) / len(win_l),
-                "loss_ema": loss_avg,
-                "lr": lr_now,
-                "grad_norm": float(gnorm),
-                "s_per_step": sum(win_t) / len(win_t),
-                "seconds_trained": seconds,
-                "time": time.time(),
-            }
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(json.dumps(rec), flush=True)
-            win_t, win_l = [], []
-        if step % ckpt_every == 0:
-            _save_checkpoint(out, step, model, ema, opt, _state())
-            last_saved = step
-        if step % export_every == 0:
-            _export(name, ema, export_dir, _info(name, {"step": step, **_state()}))
-            print(f"exported EMA model at step {step} to {export_dir}", flush=True)
-    if step != last_saved:
-        _save_checkpoint(out, step, model, ema, opt, _state())
-    _export(name, ema, export_dir, _info(name, {"step": step, **_state()}))
-    print(f"done at step {step}; exported to {export_dir}", flush=True)
+    print(f"exported to {export_dir}", flush=True)
     return export_dir
 
 

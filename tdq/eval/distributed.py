@@ -12,6 +12,10 @@ every function here reduces to the plain single-process call.
 
 Every function is collective: all processes must call it, in the same order, with the same arguments (except
 where an argument is documented as main-process only).
+
+[`Distributed`] bundles these functions behind one object for code that should not branch on the process count
+(the stages of `tdq run`): [`get_distributed`] returns a plain [`Distributed`] in a single process (every method is
+the plain call) and a [`MultiProcess`] under a launcher (every method shards, gathers or broadcasts).
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from torch import nn
 from tdq.sampling import DiffusionSampler, SampleResult
 
 __all__ = [
+    "Distributed",
+    "MultiProcess",
     "broadcast_flag",
     "broadcast_tensor",
     "distributed_extract_features",
     "distributed_sample",
     "gather_rows",
+    "get_distributed",
     "get_process_state",
     "shard_batches",
     "sync_buffers",
@@ -268,3 +275,218 @@ def distributed_extract_features(
             dim = extract_features(images[:1], feature, batch_size=1).shape[1]
         local = torch.zeros((0, int(dim)), dtype=torch.float64)
     return gather_rows(local, state)
+
+
+class Distributed:
+    r"""
+    The process group of a run, as one object whose methods are collective operations.
+
+    This class is the single-process implementation: every method is the plain single-process call (`sample` is
+    `sampler(seeds)`, `broadcast` returns its argument, `sync_buffers` does nothing). [`MultiProcess`] overrides
+    the methods with their sharded or broadcasting versions, so calling code is the same for one process and many.
+    Get the right one with [`get_distributed`].
+
+    Args:
+        state (`Accelerator` or `PartialState`, *optional*): the process state (only its `device` is used here);
+            `None` means one CPU process.
+    """
+
+    def __init__(self, state: Any = None):
+        self.state = state
+
+    @property
+    def num_processes(self) -> int:
+        """`int`: number of processes."""
+        return 1
+
+    @property
+    def process_index(self) -> int:
+        """`int`: index of this process (0 is the main process)."""
+        return 0
+
+    @property
+    def is_main(self) -> bool:
+        """`bool`: whether this is the main process (the one that computes metrics and writes files)."""
+        return True
+
+    def resolve_device(self, name: str) -> torch.device:
+        r"""
+        The torch device for a config value.
+
+        Args:
+            name (`str`): `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (the process state's device).
+
+        Returns:
+            `torch.device`
+        """
+        if name == "auto":
+            return torch.device(self.state.device if self.state is not None else "cpu")
+        return torch.device(name)
+
+    def sample(self, sampler: DiffusionSampler, seeds: Sequence[int], desc: str = "sampling") -> SampleResult:
+        r"""
+        One sample per seed (see [`distributed_sample`]).
+
+        Args:
+            sampler (`DiffusionSampler`): the sampler (same configuration on every process).
+            seeds (`Sequence[int]`): all seeds (the same list on every process).
+            desc (`str`, *optional*, defaults to `"sampling"`): progress-bar label.
+
+        Returns:
+            `SampleResult`: all seeds, in the order of `seeds`, on every process.
+        """
+        return sampler([int(s) for s in seeds], desc=desc)
+
+    def extract_features(
+        self, images: torch.Tensor, feature: nn.Module, *, batch_size: int = 32
+    ) -> torch.Tensor:
+        r"""
+        Features of all images (see [`distributed_extract_features`]).
+
+        Args:
+            images (`torch.Tensor` of shape `[N, C, H, W]`): all images in `[0, 1]` (the same on every process).
+            feature (`nn.Module`): maps images to `[n, D]` features.
+            batch_size (`int`, *optional*, defaults to `32`): images per forward.
+
+        Returns:
+            `torch.Tensor` of shape `[N, D]`: float64 features on the CPU, on every process.
+        """
+        from tdq.eval.metrics import extract_features
+
+        return extract_features(images, feature, batch_size=batch_size)
+
+    def broadcast(
+        self,
+        tensor: torch.Tensor | None,
+        shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        r"""
+        The main process's `tensor` on every process (one process: `tensor` itself, unchanged).
+
+        Args:
+            tensor (`torch.Tensor`, *optional*): the value (required on the main process; elsewhere only used for
+                `shape` and `dtype` when they are not given).
+            shape (`Sequence[int]`, *optional*): its shape (default: `tensor.shape`).
+            dtype (`torch.dtype`, *optional*): its dtype (default: `tensor.dtype`).
+
+        Returns:
+            `torch.Tensor`
+        """
+        if tensor is None:
+            raise ValueError("tensor is required on the main process")
+        return tensor
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        r"""
+        The main process's boolean on every process (see [`broadcast_flag`]).
+
+        Args:
+            flag (`bool`): the value (only the main process's value matters).
+
+        Returns:
+            `bool`
+        """
+        return bool(flag)
+
+    def sync_buffers(self, module: nn.Module, contains: str = "_quantizer.") -> int:
+        r"""
+        Give every process the main process's quantizer buffers (see [`sync_buffers`]); one process: nothing.
+
+        Args:
+            module (`nn.Module`): the model.
+            contains (`str`, *optional*, defaults to `"_quantizer."`): name filter.
+
+        Returns:
+            `int`: number of tensors synchronized.
+        """
+        return 0
+
+    def wait_for_everyone(self) -> None:
+        """Block until every process gets here (one process: return at once)."""
+
+
+class MultiProcess(Distributed):
+    r"""
+    [`Distributed`] for N processes under ``accelerate launch``: seeds and feature rows are sharded in whole
+    batches and gathered on every process, tensors are broadcast from the main process.
+
+    Args:
+        state (`Accelerator` or `PartialState`): the process state, with `num_processes > 1`.
+    """
+
+    def __init__(self, state: Any):
+        super().__init__(state)
+
+    @property
+    def num_processes(self) -> int:
+        """`int`: number of processes."""
+        return int(self.state.num_processes)
+
+    @property
+    def process_index(self) -> int:
+        """`int`: index of this process (0 is the main process)."""
+        return int(self.state.process_index)
+
+    @property
+    def is_main(self) -> bool:
+        """`bool`: whether this is the main process."""
+        return bool(self.state.is_main_process)
+
+    def resolve_device(self, name: str) -> torch.device:
+        r"""
+        The torch device for a config value; `"cuda"` and `"auto"` are this process's own device.
+
+        Args:
+            name (`str`): `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"`.
+
+        Returns:
+            `torch.device`
+        """
+        if name in ("auto", "cuda"):
+            return torch.device(self.state.device)
+        return torch.device(name)
+
+    def sample(self, sampler: DiffusionSampler, seeds: Sequence[int], desc: str = "sampling") -> SampleResult:
+        return distributed_sample(sampler, seeds, self.state, desc=desc)
+
+    def extract_features(
+        self, images: torch.Tensor, feature: nn.Module, *, batch_size: int = 32
+    ) -> torch.Tensor:
+        return distributed_extract_features(images, feature, self.state, batch_size=batch_size)
+
+    def broadcast(
+        self,
+        tensor: torch.Tensor | None,
+        shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        if shape is None or dtype is None:
+            if tensor is None:
+                raise ValueError("shape and dtype are required where tensor is None")
+            shape = tuple(tensor.shape) if shape is None else shape
+            dtype = tensor.dtype if dtype is None else dtype
+        return broadcast_tensor(tensor, shape, dtype, self.state)
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        return broadcast_flag(flag, self.state)
+
+    def sync_buffers(self, module: nn.Module, contains: str = "_quantizer.") -> int:
+        return sync_buffers(module, self.state, contains=contains)
+
+    def wait_for_everyone(self) -> None:
+        self.state.wait_for_everyone()
+
+
+def get_distributed(cpu: bool = False) -> Distributed:
+    r"""
+    The process group of this run: [`MultiProcess`] under a launcher with several processes, else [`Distributed`].
+
+    Args:
+        cpu (`bool`, *optional*, defaults to `False`): force CPU processes (gloo) even when GPUs are visible.
+
+    Returns:
+        `Distributed`
+    """
+    state = get_process_state(cpu=cpu)
+    return MultiProcess(state) if int(state.num_processes) > 1 else Distributed(state)

@@ -19,7 +19,7 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     from tdq.config import register_configs
-    from tdq.run.job import RunConfig
+    from tdq.run.config import RunConfig
 
     register_configs()
     ConfigStore.instance().store(name="tdq_run_schema", node=RunConfig)

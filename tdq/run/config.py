@@ -1,0 +1,174 @@
+"""The structured config of `tdq run`: `RunConfig` and its groups (Hydra schema of `configs/config.yaml`).
+
+It imports no sampling or evaluation code: the CLI registers the schema before Hydra parses the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tdq.config import TDQConfig
+from tdq.run.models import ModelConfig
+
+__all__ = ["CalibrationConfig", "EvalConfig", "RunConfig", "ScheduleConfig", "to_run_config"]
+
+
+@dataclass
+class ScheduleConfig:
+    r"""
+    How bit-widths are chosen.
+
+    Args:
+        planner (`str`, *optional*, defaults to `"milp"`): `"milp"` (Fisher-optimal under the budget),
+            `"uniform"` (the `quant` bits everywhere; profiling still runs for the report) or `"none"` (no profiling).
+        avg_act_bits (`float`, *optional*, defaults to `6.0`): MAC-weighted average activation bits (MILP budget).
+        avg_weight_bits (`float`, *optional*, defaults to `6.0`): MAC-weighted average weight bits (MILP budget).
+        act_candidates (`list[int]`): activation bit-widths the planner may pick.
+        weight_candidates (`list[int]`): weight bit-widths the planner may pick.
+        samples_per_bucket (`int`, *optional*, defaults to `8`): sensitivity samples per timestep bucket.
+        batch_size (`int`, *optional*, defaults to `8`): sensitivity batch size.
+        data_free (`bool`, *optional*, defaults to `True`): take x0 from the FP model's own samples.
+    """
+
+    planner: str = "milp"
+    avg_act_bits: float = 6.0
+    avg_weight_bits: float = 6.0
+    act_candidates: list[int] = field(default_factory=lambda: [4, 6, 8])
+    weight_candidates: list[int] = field(default_factory=lambda: [4, 6, 8])
+    samples_per_bucket: int = 8
+    batch_size: int = 8
+    data_free: bool = True
+
+
+@dataclass
+class CalibrationConfig:
+    r"""
+    The calibration sampler run.
+
+    Args:
+        num_samples (`int`, *optional*, defaults to `8`): samples drawn while observing.
+        num_inference_steps (`int`, *optional*, defaults to `20`): sampler steps.
+        scheduler (`str`, *optional*, defaults to `"ddim"`): sampler used for calibration.
+        seed (`int`, *optional*, defaults to `100000`): first seed (disjoint from evaluation seeds).
+        batch_size (`int`, *optional*, defaults to `8`): samples per denoiser call.
+    """
+
+    num_samples: int = 8
+    num_inference_steps: int = 20
+    scheduler: str = "ddim"
+    seed: int = 100000
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    r"""
+    The evaluation: FP and quantized samplers on the same seeds.
+
+    Args:
+        num_samples (`int`, *optional*, defaults to `16`): samples per sampler.
+        num_inference_steps (`int`, *optional*, defaults to `20`): sampler steps.
+        scheduler (`str`, *optional*, defaults to `"ddim"`): sampler (`ddim`, `ddpm`, `dpmsolver`, `euler`, `pndm`).
+        seed (`int`, *optional*, defaults to `0`): first seed.
+        batch_size (`int`, *optional*, defaults to `16`): samples per denoiser call (also the unit in which seeds
+            are sharded across processes; results depend on it in the last float bits, not on the process count).
+        feature (`str`, *optional*, defaults to `"inception"`): FID/KID features (`"inception"` or `"none"`).
+        lpips_nets (`list[str]`): LPIPS backbones (`alex`, `vgg`); empty skips LPIPS.
+        assets_dir (`str`, *optional*): metric-weight cache (default `~/.cache/tdq/assets`).
+        cache (`bool`, *optional*, defaults to `True`): reuse FP samples and features from the reference cache.
+        cache_dir (`str`, *optional*): reference cache folder (default `~/.cache/tdq/reference`).
+        noise_floor (`bool`, *optional*, defaults to `True`): also sample the FP model on `num_samples` other seeds
+            and report FID/KID of FP vs FP: the value the quantized model's FID/KID would have if it were exact.
+        noise_floor_seed (`int`, *optional*, defaults to `1000000`): first seed of that second FP set.
+        dataset (`str`, *optional*, defaults to `"auto"`): real data for FID/KID and judge metrics: `"mnist-test"`,
+            `"none"`, or `"auto"` (MNIST test set for 1×28×28 models named `mnist*`).
+        num_real (`int`, *optional*): real images used (default: `num_samples`, so all FIDs have equal counts).
+        feature_batch_size (`int`, *optional*, defaults to `32`): images per feature-extractor forward.
+        kid_subsets (`int`, *optional*, defaults to `100`): KID subsets.
+        guidance_scale (`float`, *optional*): classifier-free guidance scale of conditional models for every sampler
+            of the run (FP, calibration, quantized); `None` takes `model.guidance_scale` (or the pipeline default).
+        prompt_template (`str`, *optional*): text-to-image prompt (`{}` = class name of the seed); `None` takes
+            `model.prompt_template`.
+        clip (`str`, *optional*, defaults to `"auto"`): CLIP for the CLIPScore of text-to-image samples: a local
+            `CLIPModel` + `CLIPProcessor` folder, `"none"`, or `"auto"` (the bundled in-domain `mnist-clip` for
+            text-to-image models named `mnist*`).
+        clip_batch_size (`int`, *optional*, defaults to `64`): images per CLIP forward.
+    """
+
+    num_samples: int = 16
+    num_inference_steps: int = 20
+    scheduler: str = "ddim"
+    seed: int = 0
+    batch_size: int = 16
+    feature: str = "inception"
+    lpips_nets: list[str] = field(default_factory=lambda: ["alex"])
+    assets_dir: str | None = None
+    cache: bool = True
+    cache_dir: str | None = None
+    noise_floor: bool = True
+    noise_floor_seed: int = 1000000
+    dataset: str = "auto"
+    num_real: int | None = None
+    feature_batch_size: int = 32
+    kid_subsets: int = 100
+    guidance_scale: float | None = None
+    prompt_template: str | None = None
+    clip: str = "auto"
+    clip_batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    r"""
+    Everything `tdq run` does, as a Hydra structured config (groups: model, quant, schedule, calibration, eval).
+
+    Args:
+        model (`ModelConfig`): which model.
+        quant (`TDQConfig`): the quantization config.
+        schedule (`ScheduleConfig`): the precision planner.
+        calibration (`CalibrationConfig`): the calibration run.
+        eval (`EvalConfig`): the evaluation run.
+        device (`str`, *optional*, defaults to `"cpu"`): where to run: `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"`.
+            Under `accelerate launch`, `"cuda"`/`"auto"` give every process its own GPU; `"cpu"` uses CPU processes.
+        progress (`bool`, *optional*, defaults to `True`): progress bars.
+        threads (`int`, *optional*, defaults to `0`): torch CPU threads (0 keeps torch's default).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: TDQConfig = field(default_factory=TDQConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "cpu"
+    progress: bool = True
+    threads: int = 0
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    r"""
+    A `RunConfig` from a Hydra `DictConfig`, a plain nested `dict` or a `RunConfig` (returned as is).
+
+    Args:
+        cfg (`RunConfig`, `DictConfig` or `dict`): the config; a `hydra` key (Hydra's own settings) is ignored.
+
+    Returns:
+        `RunConfig`
+    """
+    if isinstance(cfg, RunConfig):
+        return cfg
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    return RunConfig(
+        model=ModelConfig(**data.get("model", {})),
+        quant=TDQConfig.from_dict(data.get("quant", {})),
+        schedule=ScheduleConfig(**data.get("schedule", {})),
+        calibration=CalibrationConfig(**data.get("calibration", {})),
+        eval=EvalConfig(**data.get("eval", {})),
+        **{k: v for k, v in data.items() if k in ("device", "progress", "threads")},
+    )
+
+
+_to_run_config = to_run_config  # the name before the split of tdq/run/job.py

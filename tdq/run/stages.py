@@ -1,0 +1,393 @@
+"""The stages of `tdq run`, each a function `stage(ctx: RunContext) -> None` over one [`RunContext`].
+
+Order ([`STAGES`]): load → reference → features → profile → plan → quantize → calibrate → sample → evaluate →
+report. Each stage reads its config straight from `ctx.cfg` and what earlier stages computed from the context, and
+writes its own results to the context (see the field groups of [`RunContext`]). Step timings go through
+`ctx.timer` (the report's `timings_s`).
+
+Processes: stages never branch on the process count. They sample, extract features, broadcast and synchronize
+through `ctx.dist` ([`~tdq.eval.distributed.Distributed`]: the plain calls in one process, sharded or broadcast
+under ``accelerate launch``), pass `ctx.dist.state` to the reference cache (which shards its misses the same way),
+and write files only where `ctx.dist.is_main`. A stage marked `main_only` runs on the main process alone; the
+driver runs it after every collective stage and then waits for all processes.
+
+Extension points:
+
+- A new stage: write `def my_stage(ctx: RunContext) -> None` and insert `Stage("my_stage", my_stage)` into
+  [`STAGES`] where it belongs (e.g. a weight-rounding step between `quantize` and `calibrate`); add the fields it
+  writes to [`RunContext`] (or keep them local). Collective work goes through `ctx.dist`.
+- A new report section: a stage puts it into `ctx.sections["name"]` (it lands in `report.json` under that key,
+  after the built-in sections and before `schedule`), or a function `(ctx) -> dict` is appended to
+  [`tdq.run.report.REPORT_SECTIONS`]; its markdown is a function `(report) -> list[str]` appended to
+  [`tdq.run.report.MARKDOWN_SECTIONS`].
+- A new config field: add it to the dataclass in `tdq/run/config.py` (and `configs/`); stages read `ctx.cfg`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import tdq
+from tdq.eval import data as data_eval
+from tdq.eval.reference import (
+    ReferenceCache,
+    cached_features,
+    cached_samples,
+    feature_id,
+    model_fingerprint,
+    reference_spec,
+    state_dict_fingerprint,
+)
+from tdq.run.context import RunContext
+from tdq.run.models import load_model
+from tdq.run.report import (
+    _conditioning_section,
+    _cropped,
+    _data_section,
+    _noise_floor_section,
+    build_report,
+    write_run_report,
+)
+from tdq.sampling import ConditionedForward, LatentDiffusionSampler, SampleResult
+
+__all__ = [
+    "STAGES",
+    "Stage",
+    "calibrate",
+    "evaluate",
+    "features",
+    "load",
+    "plan",
+    "profile",
+    "quantize",
+    "reference",
+    "report",
+    "sample",
+]
+
+
+@dataclass(frozen=True)
+class Stage:
+    r"""
+    One step of `tdq run`.
+
+    Args:
+        name (`str`): label (logs).
+        run (`Callable[[RunContext], None]`): the stage; reads and writes the context.
+        main_only (`bool`, *optional*, defaults to `False`): run on the main process only (no collective calls
+            allowed); such stages come after all collective ones.
+    """
+
+    name: str
+    run: Callable[[RunContext], None]
+    main_only: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers: FP samples and features through the reference cache
+
+
+def _fp_samples(
+    ctx: RunContext, section: Any, seeds: list[int], trajectory: bool, desc: str
+) -> tuple[SampleResult, dict[str, Any], Any]:
+    """FP samples of `seeds` with the sampler of `section` (cached); returns samples, cache spec, cache info."""
+    # latent models always keep the (small) latent trajectory: its last entry is the final latents, which
+    # profiling needs and which multi-process sampling gathers only through the trajectory
+    smp = ctx.sampler(section, trajectory or ctx.latent)
+    if isinstance(smp, LatentDiffusionSampler):
+        extra = {**ctx.spec_extra, "conditioning": smp.conditioning.describe()}
+        spec = reference_spec(ctx.fingerprint, smp, seeds, guidance_scale=smp.guidance_scale, extra=extra)
+    else:
+        spec = reference_spec(ctx.fingerprint, smp, seeds)
+    result, info = cached_samples(smp, seeds, spec, ctx.cache, ctx.dist.state, desc=desc)
+    return result, spec, info
+
+
+def _fp_features(
+    ctx: RunContext, images: torch.Tensor, spec: dict[str, Any], label: str, real: bool = False
+) -> dict[str, torch.Tensor]:
+    """Features of FP (or, with `real`, real: not cropped) images by every extractor (cached)."""
+    out = {}
+    for key, (net, fid) in ctx.extractors.items():
+        out[key], info = cached_features(
+            images if real else ctx.for_features(images),
+            net,
+            fid,
+            spec,
+            ctx.cache,
+            ctx.dist.state,
+            batch_size=ctx.cfg.eval.feature_batch_size,
+        )
+        ctx.cache_report.setdefault("features", {})[f"{label}/{key}"] = info.status
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# stages
+
+
+def load(ctx: RunContext) -> None:
+    """Load the model, fingerprint it (before quantization) and open the reference cache."""
+    with ctx.timer("load"):
+        ctx.model = load_model(ctx.cfg.model, device=str(ctx.device))
+    m = ctx.model
+    ctx.fingerprint = model_fingerprint(m.denoiser)
+    # Everything besides the denoiser that changes FP samples (cache key).
+    if ctx.latent:
+        ctx.spec_extra["latent_shape"] = list(m.latent_shape)
+        ctx.spec_extra["vae"] = model_fingerprint(m.vae)
+        if m.text_encoder is not None:
+            # transformers configs are not mappings: class + weights identify the text encoder
+            ctx.spec_extra["text_encoder"] = (
+                type(m.text_encoder).__name__
+                + ":"
+                + state_dict_fingerprint(m.text_encoder.state_dict(), skip=None)
+            )
+    ev = ctx.cfg.eval
+    ctx.cache = ReferenceCache(ev.cache_dir or None) if ev.cache else None
+    ctx.cache_report["dir"] = str(ctx.cache.root) if ctx.cache else None
+
+
+def reference(ctx: RunContext) -> None:
+    """FP samples of the evaluation seeds and, with `eval.noise_floor`, of the noise-floor seeds."""
+    ev = ctx.cfg.eval
+    with ctx.timer("fp_sampling"):
+        ctx.fp, ctx.fp_spec, info = _fp_samples(ctx, ev, ctx.eval_seeds, True, "FP reference")
+    ctx.cache_report["fp_samples"] = info.to_dict()
+    if ev.noise_floor:
+        if set(ctx.noise_floor_seeds) & set(ctx.eval_seeds):
+            raise ValueError("eval.noise_floor_seed range overlaps the evaluation seeds")
+        with ctx.timer("fp_sampling_noise_floor"):
+            ctx.noise_floor, ctx.noise_floor_spec, info = _fp_samples(
+                ctx, ev, ctx.noise_floor_seeds, False, "FP noise floor"
+            )
+        ctx.cache_report["noise_floor_samples"] = info.to_dict()
+
+
+def features(ctx: RunContext) -> None:
+    """
+    Feature extractors (Inception for FID/KID, the domain judge when real data is given) and the features of the
+    FP samples and the real data. They see images after `model.crop` (latent MNIST models: 32x32 outputs cropped
+    to the 28x28 digit, as real MNIST).
+    """
+    m, ev = ctx.model, ctx.cfg.eval
+    suffix = f"-crop{ctx.crop}" if ctx.crop else ""
+    ctx.dataset = data_eval.resolve_dataset(ev.dataset, m.name, m.eval_shape)
+    if ev.feature not in ("none", "inception"):
+        raise ValueError(f"eval.feature={ev.feature!r} is unknown; choose 'inception' or 'none'")
+    if ev.feature == "inception":
+        from tdq.eval.features import InceptionFeatures
+
+        net = InceptionFeatures(cache_dir=ev.assets_dir).to(ctx.device)
+        ctx.extractors["inception"] = (net, feature_id("inception_v3_tf_pool3" + suffix, net))
+    if ctx.dataset is not None and data_eval.judge_applies(ctx.dataset, m.eval_shape):
+        ctx.judge, judge_feat, judge_name = data_eval.load_domain_judge(ctx.dataset, ctx.device)
+        ctx.extractors["judge"] = (judge_feat, feature_id(judge_name + suffix, judge_feat))
+
+    with ctx.timer("fp_features"):
+        ctx.fp_feats = _fp_features(ctx, ctx.fp.images, ctx.fp_spec, "fp")
+        if ctx.noise_floor is not None:
+            ctx.noise_floor_feats = _fp_features(
+                ctx, ctx.noise_floor.images, ctx.noise_floor_spec, "noise_floor"
+            )
+        if ctx.dataset is not None:
+            ctx.real_images, ctx.real_labels = data_eval.load_dataset_images(
+                ctx.dataset, ev.num_real or ev.num_samples
+            )
+            spec = data_eval.data_spec(ctx.dataset, ctx.real_images)
+            ctx.real_feats = _fp_features(ctx, ctx.real_images, spec, "data", real=True)
+
+
+def profile(ctx: RunContext) -> None:
+    """
+    Sensitivity profile of the FP model on its own samples of the calibration seeds (every process computes it).
+    Skipped with `schedule.planner=none`.
+    """
+    from tdq.mixed_precision.fisher import profile_sensitivity
+
+    cfg, m = ctx.cfg, ctx.model
+    if cfg.schedule.planner == "none":
+        return
+    with ctx.timer("fp_sampling_for_profile"):
+        # latent models: the FP model's own final latents (the trajectory's last entry), with their conditioning
+        calib_fp, _, info = _fp_samples(
+            ctx, cfg.calibration, ctx.calib_seeds, False, "FP samples for profiling"
+        )
+        if ctx.latent:
+            x0 = calib_fp.latents if calib_fp.latents is not None else calib_fp.trajectory[-1]
+        else:
+            x0 = calib_fp.images * 2 - 1
+    ctx.cache_report["profile_samples"] = info.to_dict()
+    forward_fn = None
+    if ctx.latent:
+        forward_fn = ConditionedForward(
+            ctx.sampler(cfg.calibration, trajectory=False), ctx.calib_seeds, cfg.schedule.samples_per_bucket
+        )
+    with ctx.timer("sensitivity"):
+        ctx.profile = profile_sensitivity(
+            m.denoiser,
+            m.scheduler,
+            x0.to(ctx.device),
+            cfg.quant.grid.resolve(*tdq.get_adapter(m.denoiser, m.num_train_timesteps).default_grid()),
+            config=cfg.quant,
+            samples_per_bucket=cfg.schedule.samples_per_bucket,
+            batch_size=cfg.schedule.batch_size,
+            forward_fn=forward_fn,
+            progress=ctx.progress,
+        )
+    if ctx.dist.is_main:
+        ctx.profile.save(ctx.run_dir / "sensitivity")
+        ctx.profile.plot_heatmap(ctx.run_dir / "sensitivity_act.png", kind="act")
+        ctx.profile.plot_heatmap(ctx.run_dir / "sensitivity_weight.png", kind="weight")
+
+
+def plan(ctx: RunContext) -> None:
+    """
+    The precision schedule from the profile (`schedule.planner`: `milp` or `uniform`); the main process's schedule
+    is broadcast, so every process applies the same one whatever float noise did to the MILP.
+    """
+    from tdq.mixed_precision.planners import PrecisionBudget, plan_precision, plan_uniform
+
+    cfg = ctx.cfg
+    if cfg.schedule.planner == "none":
+        return
+    with ctx.timer("plan"):
+        sc = cfg.schedule
+        if sc.planner == "milp":
+            budget = PrecisionBudget(
+                avg_act_bits=sc.avg_act_bits,
+                avg_weight_bits=sc.avg_weight_bits,
+                act_candidates=tuple(sc.act_candidates),
+                weight_candidates=tuple(sc.weight_candidates),
+            )
+            schedule = plan_precision(ctx.profile, budget)
+        elif sc.planner == "uniform":
+            schedule = plan_uniform(
+                ctx.profile, act_bits=cfg.quant.activation.bits, weight_bits=cfg.quant.weight.bits
+            )
+        else:
+            raise ValueError(f"schedule.planner={sc.planner!r} is unknown; choose milp, uniform or none")
+        schedule.act_bits = ctx.dist.broadcast(schedule.act_bits, schedule.act_bits.shape, torch.long)
+        schedule.weight_bits = ctx.dist.broadcast(
+            schedule.weight_bits, schedule.weight_bits.shape, torch.long
+        )
+        ctx.schedule = schedule
+    if ctx.dist.is_main:
+        schedule.save(ctx.run_dir / "schedule.json")
+        schedule.plot(ctx.run_dir / "schedule.png")
+
+
+def quantize(ctx: RunContext) -> None:
+    """Quantize the denoiser in place with `cfg.quant` and apply the schedule (if any)."""
+    m = ctx.model
+    with ctx.timer("quantize"):
+        tdq.quantize_(m.denoiser, ctx.cfg.quant, num_train_timesteps=m.num_train_timesteps)
+        if ctx.schedule is not None:
+            ctx.schedule.apply_(m.denoiser)
+
+
+def calibrate(ctx: RunContext) -> None:
+    """Calibrate through the real calibration sampler; the main process's quantizer buffers are synchronized."""
+    with ctx.timer("calibrate"):
+        with tdq.calibration(ctx.model.denoiser):
+            ctx.sampler(ctx.cfg.calibration, trajectory=False)(ctx.calib_seeds, desc="calibration")
+        ctx.dist.sync_buffers(ctx.model.denoiser)
+
+
+def sample(ctx: RunContext) -> None:
+    """Quantized samples of the evaluation seeds and their features."""
+    with ctx.timer("quant_sampling"):
+        ctx.q = ctx.dist.sample(ctx.sampler(ctx.cfg.eval), ctx.eval_seeds, desc="quantized")
+    with ctx.timer("quant_features"):
+        ctx.q_feats = {
+            key: ctx.dist.extract_features(
+                ctx.for_features(ctx.q.images), net, batch_size=ctx.cfg.eval.feature_batch_size
+            )
+            for key, (net, _) in ctx.extractors.items()
+        }
+
+
+def evaluate(ctx: RunContext) -> None:
+    """
+    Metrics (main process): paired FP-vs-quantized metrics, FID/KID, trajectory drift, and the `noise_floor`,
+    `data` and (latent models) `conditioning` report sections.
+    """
+    from tdq.eval import paired_metrics, trajectory_drift
+
+    ev, fp, q, nf = ctx.cfg.eval, ctx.fp, ctx.q, ctx.noise_floor
+    kid_kw = {"kid_subsets": ev.kid_subsets, "kid_subset_size": 1000, "seed": 0}
+    with ctx.timer("metrics"):
+        metrics = paired_metrics(
+            fp.images,
+            q.images,
+            feature=None,
+            lpips_nets=tuple(ev.lpips_nets),
+            cache_dir=ev.assets_dir,
+            device=ctx.device,
+        )
+        if "inception" in ctx.extractors:
+            fp_in, q_in = ctx.fp_feats["inception"], ctx.q_feats["inception"]
+            dist = data_eval.distribution_metrics(fp_in, q_in, **kid_kw)
+            metrics["feature"] = "inception_v3_tf_pool3"
+            metrics["feature_dim"] = int(fp_in.shape[1])
+            metrics.update({k: v for k, v in dist.items() if k not in ("num_real", "num_fake")})
+        ctx.metrics = metrics
+        ctx.drift = trajectory_drift(fp.trajectory, q.trajectory)
+        if nf is not None:
+            ctx.sections["noise_floor"] = _noise_floor_section(
+                ev, ctx.noise_floor_seeds, ctx.fp_feats, ctx.noise_floor_feats, ctx.q_feats, kid_kw
+            )
+        if ctx.dataset is not None:
+            ctx.sections["data"] = _data_section(
+                ctx.dataset,
+                ctx.real_feats,
+                ctx.real_labels,
+                ctx.real_images,
+                _cropped(fp, ctx.for_features),
+                _cropped(q, ctx.for_features),
+                _cropped(nf, ctx.for_features) if nf is not None else None,
+                ctx.fp_feats,
+                ctx.noise_floor_feats,
+                ctx.q_feats,
+                ctx.judge,
+                kid_kw,
+            )
+    if ctx.latent:
+        with ctx.timer("conditional_metrics"):
+            ctx.sections["conditioning"] = _conditioning_section(
+                ctx.model,
+                ctx.sampler(ev, trajectory=False),
+                ctx.eval_seeds,
+                ctx.for_features(fp.images),
+                ctx.for_features(q.images),
+                fp.images,
+                q.images,
+                ctx.judge,
+                ev,
+                ctx.device,
+            )
+
+
+def report(ctx: RunContext) -> None:
+    """Assemble the report ([`~tdq.run.report.REPORT_SECTIONS`]) and write it with its figures (main process)."""
+    ctx.report = build_report(ctx)
+    write_run_report(ctx, ctx.report)
+
+
+#: The stages of `tdq run`, in order; edit this list to add, replace or drop a stage.
+STAGES: list[Stage] = [
+    Stage("load", load),
+    Stage("reference", reference),
+    Stage("features", features),
+    Stage("profile", profile),
+    Stage("plan", plan),
+    Stage("quantize", quantize),
+    Stage("calibrate", calibrate),
+    Stage("sample", sample),
+    Stage("evaluate", evaluate, main_only=True),
+    Stage("report", report, main_only=True),
+]

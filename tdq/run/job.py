@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from tdq.eval.distributed import get_distributed
+from tdq.run import stages
 from tdq.run.config import CalibrationConfig, EvalConfig, RunConfig, ScheduleConfig, to_run_config
 from tdq.run.context import RunContext
 from tdq.run.report import write_config
-from tdq.run.stages import STAGES
 
 __all__ = ["CalibrationConfig", "EvalConfig", "RunConfig", "ScheduleConfig", "run_experiment"]
 
@@ -71,7 +71,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         progress=cfg.progress and dist.is_main,
     )
     # collective stages on every process, then the main-only ones (metrics, report) on the main process
-    for stage in STAGES:
+    for stage in stages.STAGES:  # looked up at call time: the list may be edited or replaced
         if dist.is_main or not stage.main_only:
             stage.run(ctx)
     dist.wait_for_everyone()

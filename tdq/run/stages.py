@@ -8,8 +8,8 @@ writes its own results to the context (see the field groups of [`RunContext`]). 
 Processes: stages never branch on the process count. They sample, extract features, broadcast and synchronize
 through `ctx.dist` ([`~tdq.eval.distributed.Distributed`]: the plain calls in one process, sharded or broadcast
 under ``accelerate launch``), pass `ctx.dist.state` to the reference cache (which shards its misses the same way),
-and write files only where `ctx.dist.is_main`. A stage marked `main_only` runs on the main process alone; the
-driver runs it after every collective stage and then waits for all processes.
+and write files only where `ctx.dist.is_main`. A stage marked `main_only` (metrics, report) runs on the main
+process alone and must not make collective calls; the driver waits for all processes after the last stage.
 
 Extension points:
 
@@ -17,10 +17,12 @@ Extension points:
   [`STAGES`] where it belongs (e.g. a weight-rounding step between `quantize` and `calibrate`); add the fields it
   writes to [`RunContext`] (or keep them local). Collective work goes through `ctx.dist`.
 - A new report section: a stage puts it into `ctx.sections["name"]` (it lands in `report.json` under that key,
-  after the built-in sections and before `schedule`), or a function `(ctx) -> dict` is appended to
+  after `timings_s` in the order the stages added them, before `schedule`; `noise_floor`, `data` and
+  `conditioning` come from `evaluate` this way), or a function `(ctx) -> dict` is appended to
   [`tdq.run.report.REPORT_SECTIONS`]; its markdown is a function `(report) -> list[str]` appended to
   [`tdq.run.report.MARKDOWN_SECTIONS`].
-- A new config field: add it to the dataclass in `tdq/run/config.py` (and `configs/`); stages read `ctx.cfg`.
+- A new config field (e.g. a backend choice): add it to the dataclass in `tdq/run/config.py` (and the group's
+  yaml in `configs/`); the stage that uses it reads `ctx.cfg`.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class Stage:
     Args:
         name (`str`): label (logs).
         run (`Callable[[RunContext], None]`): the stage; reads and writes the context.
-        main_only (`bool`, *optional*, defaults to `False`): run on the main process only (no collective calls
-            allowed); such stages come after all collective ones.
+        main_only (`bool`, *optional*, defaults to `False`): run on the main process only; such a stage must not
+            make collective calls (`ctx.dist`, the reference cache).
     """
 
     name: str

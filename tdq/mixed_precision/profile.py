@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tdq.grid import TimestepGrid
-from tdq.utils.io import json_safe
+from tdq.utils.io import json_safe, read_json_object
 
 PROFILE_SCHEMA_VERSION = 1
 
@@ -160,12 +160,7 @@ class SensitivityProfile:
         for p in (json_path, st_path):
             if not p.is_file():
                 raise FileNotFoundError(f"sensitivity profile file {str(p)!r} does not exist")
-        try:
-            manifest = json.loads(json_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"sensitivity profile file {str(json_path)!r} is not valid JSON: {e}") from e
-        if not isinstance(manifest, dict):
-            raise ValueError(f"sensitivity profile file {str(json_path)!r} does not hold a JSON object")
+        manifest = read_json_object(json_path, ValueError, "sensitivity profile file")
         version = manifest.get("schema_version")
         if version != PROFILE_SCHEMA_VERSION:
             raise ValueError(

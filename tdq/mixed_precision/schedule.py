@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tdq.config import ACT_BITS, WEIGHT_BITS
-from tdq.utils.io import json_safe
+from tdq.utils.io import json_safe, read_json_object
 
 SCHEDULE_SCHEMA_VERSION = 1
 
@@ -331,12 +331,7 @@ class PrecisionSchedule:
             `FileNotFoundError` if the file is missing, `ValueError` (naming the file) if it is not a valid schedule.
         """
         path = _json_path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"precision schedule file {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"precision schedule file {str(path)!r} is not valid JSON: {e}") from e
+        data = read_json_object(path, ValueError, "precision schedule file")
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as e:

@@ -161,26 +161,23 @@ def read_json_object(
     path: str | os.PathLike, error: type[Exception] = ValueError, what: str = "JSON file"
 ) -> dict:
     """
-    Read a JSON file that must hold one object; any problem raises `error` with a message naming the file.
+    Read a JSON file that must hold one object. A missing file raises `FileNotFoundError`; an unreadable, invalid
+    or non-object file raises `error`; every message names `what` and the file.
 
     Args:
         path (`str` or `os.PathLike`): the file.
-        error (`type[Exception]`, *optional*, defaults to `ValueError`): the exception type to raise.
-        what (`str`, *optional*): what the file is, for the message (e.g. `"precision schedule"`).
+        error (`type[Exception]`, *optional*, defaults to `ValueError`): the exception type for bad content.
+        what (`str`, *optional*): what the file is, for the message (e.g. `"precision schedule file"`).
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist") from None
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {str(path)!r} is corrupted: not valid JSON ({e})") from None
     except OSError as e:
-        raise error(f"cannot read {what} {path}: {e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise error(
-            f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); it may be truncated"
-        ) from None
+        raise error(f"cannot read {what} {str(path)!r}: {e}") from None
     if not isinstance(data, dict):
-        raise error(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
+        raise error(f"{what} {str(path)!r} is corrupted: expected a JSON object, found {type(data).__name__}")
     return data

@@ -30,7 +30,6 @@ from tdq.quant.backends.base import (
     BackendState,
     LayerRecord,
     RealQuantModule,
-    dequantize_rows,
 )
 from tdq.quant.backends.capability import cpu_flags, cpu_model, get_cpu_capability
 from tdq.quant.backends.cuda import IntMMLinear

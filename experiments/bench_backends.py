@@ -350,7 +350,7 @@ def main() -> None:
                 info = backend_info(var)
                 r["backend"] = info["backend"]
                 r["kernels"] = info["kernels"]
-                r["fallback_layers"] = {n: l for n, l in info["layers"].items() if l["reason"]}
+                r["fallback_layers"] = {n: rec for n, rec in info["layers"].items() if rec["reason"]}
                 with torch.no_grad():
                     ref = fp(x, t, **kw).sample
                     got = var(x, t, **kw).sample

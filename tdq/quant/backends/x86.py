@@ -127,10 +127,11 @@ class X86Int8Module(RealQuantModule):
                 fake_quant_bucket(self, self._smoothed(x), k), self.dequantized_weight()
             )
         xq = quantize_u8(self._smoothed(x), scale_f, inv, zp, lo, hi)
-        if self.is_conv and x.dim() == 4 and not xq.is_contiguous(memory_format=torch.channels_last):
+        nchw = self.is_conv and not x.is_contiguous(memory_format=torch.channels_last)
+        if nchw:
             xq = xq.contiguous(memory_format=torch.channels_last)  # oneDNN's int8 conv is fastest in NHWC
         if self.is_conv:
-            return torch.ops.onednn.qconv2d_pointwise(
+            out = torch.ops.onednn.qconv2d_pointwise(
                 xq,
                 scale_f,
                 zp,
@@ -149,6 +150,9 @@ class X86Int8Module(RealQuantModule):
                 [],
                 "",
             )
+            # the input's memory format, as F.conv2d: downstream float ops then compute exactly as in the simulator
+            # (a different layout changes their summation order, and quantization amplifies such differences)
+            return out.contiguous() if nchw else out
         return torch.ops.onednn.qlinear_pointwise(
             xq.contiguous(),
             scale_f,

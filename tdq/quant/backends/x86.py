@@ -55,6 +55,16 @@ def quantize_u8(x: torch.Tensor, scale: float, inv: float, zp: int, lo: int, hi:
     return x.mul(inv).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
 
 
+_ZEROS: dict[int, torch.Tensor] = {}
+
+
+def _zeros(n: int) -> torch.Tensor:
+    """Weight zero-points (all 0) of `n` channels, one shared tensor per size (the kernels only read them)."""
+    if n not in _ZEROS:
+        _ZEROS[n] = torch.zeros(n, dtype=torch.long)
+    return _ZEROS[n]
+
+
 class X86Int8Module(RealQuantModule):
     r"""
     A `QuantLinear`/`QuantConv2d` executed by oneDNN's int8 kernels (u8 activations x s8 weights -> FP32).
@@ -72,13 +82,11 @@ class X86Int8Module(RealQuantModule):
         wq = self.weight_quantizer
         rows = weight_rows(qmod, codes)
         q = rows.reshape(self.weight_shape).to(torch.int8)
-        scale = wq.scale.reshape(-1).float()
+        scale = wq.scale.reshape(-1)  # a view: shares the weight quantizer's storage (no second copy)
         if scale.numel() == 1:
-            scale = scale.expand(self.weight_shape[0]).contiguous()
-        self.register_buffer("w_scale", scale.clone(), persistent=False)
-        self.register_buffer(
-            "w_zero_point", torch.zeros(self.weight_shape[0], dtype=torch.long), persistent=False
-        )
+            scale = scale.expand(self.weight_shape[0])
+        self.register_buffer("w_scale", scale, persistent=False)
+        self.register_buffer("w_zero_point", _zeros(self.weight_shape[0]), persistent=False)
         if self.is_conv:
             self.kernel = "onednn.qconv2d_pointwise"
             packed = torch.ops.onednn.qconv_prepack(

@@ -284,3 +284,19 @@ def test_save_load_with_backend_roundtrip(tmp_path, backend):
     sim_again = load_quant_state(tiny_unet2d(), tmp_path / "real")
     with torch.no_grad():
         assert torch.equal(output_tensor(sim_again(**inp)), ref)
+
+
+@needs_x86
+def test_backend_report_converts_and_measures():
+    from tdq.quant.backends import backend_report, record_call
+
+    model = tdq.quantize_(tiny_unet2d(), TDQConfig())
+    with tdq.calibration(model), record_call(model) as call, torch.no_grad():
+        for t in (20.0, 480.0, 950.0):
+            model(**denoiser_inputs(model, t=t))
+    assert call["kwargs"] or call["args"]
+    rep = backend_report(model, "x86", call, pairs=2)
+    assert rep["backend"] == "x86" and backend_info(model)["backend"] == "x86"
+    assert rep["latency"]["pairs"] == 2 and rep["latency"]["ratio_median"] > 0
+    assert 0 < rep["resident_bytes_ratio"] < 1
+    assert rep["kernels"]["onednn.qconv2d_pointwise"] > 0

@@ -16,6 +16,7 @@ import torch
 
 import tdq
 from tdq.config import TDQConfig
+from tdq.quant.backends import backend_report, record_call
 from tdq.run.models import ModelConfig, load_model
 from tdq.sampling import (
     ConditionedForward,
@@ -148,6 +149,9 @@ class RunConfig:
             Under `accelerate launch`, `"cuda"`/`"auto"` give every process its own GPU; `"cpu"` uses CPU processes.
         progress (`bool`, *optional*, defaults to `True`): progress bars.
         threads (`int`, *optional*, defaults to `0`): torch CPU threads (0 keeps torch's default).
+        backend (`str`, *optional*, defaults to `"simulate"`): where the quantized model runs after calibration:
+            `"simulate"` (fake quantization) or a real backend of `tdq.to_backend` (`"auto"`, `"x86"`, ...); the
+            quality metrics are then those of that backend, and the report gains a `backend` section.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,6 +162,7 @@ class RunConfig:
     device: str = "cpu"
     progress: bool = True
     threads: int = 0
+    backend: str = "simulate"
 
 
 def _to_run_config(cfg: Any) -> RunConfig:
@@ -173,7 +178,7 @@ def _to_run_config(cfg: Any) -> RunConfig:
         schedule=ScheduleConfig(**data.get("schedule", {})),
         calibration=CalibrationConfig(**data.get("calibration", {})),
         eval=EvalConfig(**data.get("eval", {})),
-        **{k: v for k, v in data.items() if k in ("device", "progress", "threads")},
+        **{k: v for k, v in data.items() if k in ("device", "progress", "threads", "backend")},
     )
 
 
@@ -440,9 +445,13 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         if schedule is not None:
             schedule.apply_(denoiser)
     with timer("calibrate"):
-        with tdq.calibration(denoiser):
+        with tdq.calibration(denoiser), record_call(denoiser) as example_call:
             sampler(cfg.calibration, trajectory=False)(calib_seeds, desc="calibration")
         sync_buffers(denoiser, state)
+    backend_section = None
+    if cfg.backend != "simulate":
+        with timer("backend"):
+            backend_section = backend_report(denoiser, cfg.backend, example_call)
     with timer("quant_sampling"):
         q = distributed_sample(sampler(ev), eval_seeds, state, desc="quantized")
     with timer("quant_features"):
@@ -526,6 +535,8 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         "reference_cache": cache_report,
         "timings_s": timer.times,
     }
+    if backend_section is not None:
+        report["backend"] = backend_section
     if noise_floor is not None:
         report["noise_floor"] = noise_floor
     if data_section is not None:
@@ -693,6 +704,20 @@ def _f(v: Any) -> str:
 def _markdown_sections(report: dict[str, Any]) -> str:
     """Markdown for the noise-floor, data and cache sections (appended to `report.md`)."""
     lines: list[str] = []
+    be = report.get("backend")
+    if be:
+        lat, cap = be["latency"], be["capability"]
+        kernels = ", ".join(f"{k}: {n}" for k, n in be["kernels"].items())
+        lines += [
+            "## Backend",
+            "",
+            f"Quantized samples ran on `{be['backend']}` (asked `{be['requested']}`), {cap['cpu_model']} "
+            f"({cap['torch_cpu_capability']}), torch {cap['torch_version']}. Per denoiser call "
+            f"{lat['ratio_median']:.3f}x FP32 eager (min {lat['ratio_min']:.3f}, {lat['pairs']} interleaved pairs, "
+            f"{lat['threads']} threads); resident weight bytes {be['resident_bytes_ratio']:.3f}x FP32. "
+            f"Kernels (layers): {kernels}.",
+            "",
+        ]
     nf = report.get("noise_floor")
     if nf:
         n = nf["num_samples"]

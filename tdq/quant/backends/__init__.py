@@ -33,6 +33,7 @@ from tdq.quant.backends.base import (
 )
 from tdq.quant.backends.capability import cpu_flags, cpu_model, get_cpu_capability
 from tdq.quant.backends.cuda import IntMMLinear
+from tdq.quant.backends.report import backend_report, record_call
 from tdq.quant.backends.weight_only import WeightOnlyModule
 from tdq.quant.backends.x86 import X86Int8Module
 from tdq.quant.modules import QuantConv2d, QuantLinear, QuantMixin
@@ -52,9 +53,11 @@ __all__ = [
     "WeightOnlyModule",
     "X86Int8Module",
     "backend_info",
+    "backend_report",
     "cpu_flags",
     "cpu_model",
     "get_cpu_capability",
+    "record_call",
     "register_backend",
     "resident_bytes",
     "select_backend",

@@ -23,7 +23,7 @@ from tdq.quant.backends import (
 )
 from tdq.quant.modules import QUANT_MODULES
 from tdq.quant.quantizers import NotCalibratedError, TimestepContext
-from tdq.state import load_quant_state, save_quant_state
+from tdq.serialization import load_quantization, save_quantization
 from tdq.testing import denoiser_inputs, output_tensor, tiny_unet2d
 
 HAS_X86 = get_cpu_capability()["onednn_int8"]
@@ -270,18 +270,18 @@ def test_save_load_with_backend_roundtrip(tmp_path, backend):
     inp = denoiser_inputs(model, t=700.0)
     with torch.no_grad():
         ref = output_tensor(model(**inp))
-    save_quant_state(model, tmp_path / "sim")
-    loaded = load_quant_state(tiny_unet2d(), tmp_path / "sim", backend=backend)
+    save_quantization(model, tmp_path / "sim")
+    loaded = load_quantization(tiny_unet2d(), tmp_path / "sim", backend=backend)
     assert backend_info(loaded)["backend"] == backend
     with torch.no_grad():
         out = output_tensor(loaded(**inp))
     _close(out, ref)
     # a converted model saves the same codes: save -> load(backend) -> identical outputs
-    save_quant_state(loaded, tmp_path / "real")
-    again = load_quant_state(tiny_unet2d(), tmp_path / "real", backend=backend)
+    save_quantization(loaded, tmp_path / "real")
+    again = load_quantization(tiny_unet2d(), tmp_path / "real", backend=backend)
     with torch.no_grad():
         assert torch.equal(output_tensor(again(**inp)), out)
-    sim_again = load_quant_state(tiny_unet2d(), tmp_path / "real")
+    sim_again = load_quantization(tiny_unet2d(), tmp_path / "real")
     with torch.no_grad():
         assert torch.equal(output_tensor(sim_again(**inp)), ref)
 

@@ -276,13 +276,13 @@ def to_backend(
 
     Args:
         model (`nn.Module`):
-            A model quantized with `tdq.quantize_` and calibrated (or loaded with `tdq.load_quant_state`).
+            A model quantized with `tdq.quantize_` and calibrated (or loaded with `tdq.serialization.load_quantization`).
         backend (`str`, *optional*, defaults to `"auto"`):
             `"auto"` (by capability, see `select_backend`), `"simulate"`, `"x86"`, `"weight_only_int8"`,
             `"weight_only_int4"` or `"cuda"`.
         codes (`dict[str, torch.Tensor]`, *optional*):
             Per layer name, saved integer codes (rows of `reshape_for_granularity`) that go straight into the
-            kernels instead of being re-derived from the layer's weight (used by `load_quant_state(..., backend=)`).
+            kernels instead of being re-derived from the layer's weight (used by `load_quantization(..., backend=)`).
 
     Returns:
         The same `model`. `backend_info(model)` tells which backend and which kernel per layer run.

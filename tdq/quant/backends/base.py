@@ -4,7 +4,7 @@ A real module replaces a calibrated `QuantLinear`/`QuantConv2d`. It keeps the la
 `act_quantizer` (the same objects, so converting changes no scale and a later `set_bits` of activation bits is
 seen at once), the bias, an optional `act_smooth` buffer, and the weight as integer codes only: no float copy.
 Its `state_dict()` looks like the simulated layer's (the `weight` entry is the dequantized codes, which equal the
-simulator's fake-quantized weight), so `save_quant_state` of a converted model writes the same files.
+simulator's fake-quantized weight), so `tdq.serialization.save_quantization` of a converted model writes the same files.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class RealQuantModule(QuantMixin, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         raise BackendError(
             f"layer {self.layer_name!r}: load a saved state into the float or simulated model "
-            "(tdq.load_quant_state(model, dir, backend=...)), not into a converted one"
+            "(tdq.serialization.load_quantization(model, dir, backend=...)), not into a converted one"
         )
 
     # ----------------------------------------------------------------- helpers for subclasses

@@ -195,8 +195,12 @@ def saved_tiny(tmp_path_factory):
 
 def _skeleton(seed: int = 123):
     """A tiny UNet with other random weights than the saved one: loading must take every weight from the file."""
-    torch.manual_seed(seed)
-    return tiny_unet2d()
+    model = tiny_unet2d()  # seeds itself: perturb every parameter so that no weight equals the saved model's
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    return model
 
 
 def _calibrated_unet(saved, bits: int = 8):

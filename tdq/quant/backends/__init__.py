@@ -329,25 +329,18 @@ def to_backend(
     return model
 
 
-def resident_bytes(model: nn.Module, weights_only: bool = False) -> int:
+def resident_bytes(model: nn.Module) -> int:
     r"""
     Bytes held by a model's parameters and buffers, each storage counted once (tied or shared tensors are not
     double counted; oneDNN's opaque prepacked weights count as `numel x element_size`).
 
     Args:
         model (`nn.Module`): any module.
-        weights_only (`bool`, *optional*, defaults to `False`): count only the tensors of layers that hold a weight
-            (quantized layers, Linear/Conv/Norm parameters), i.e. leave out e.g. registered constant tables.
     """
     seen: set = set()
     total = 0
     for mod in model.modules():
-        if weights_only and not (
-            isinstance(mod, RealQuantModule) or any(True for _ in mod.parameters(False))
-        ):
-            continue
-        tensors = list(mod._parameters.values()) + list(mod._buffers.values())
-        for t in tensors:
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
             if t is None:
                 continue
             if t.is_mkldnn:

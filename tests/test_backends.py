@@ -333,3 +333,9 @@ def test_backend_report_converts_and_measures():
     assert rep["latency"]["pairs"] == 2 and rep["latency"]["ratio_median"] > 0
     assert 0 < rep["resident_bytes_ratio"] < 1
     assert rep["kernels"]["onednn.qconv2d_pointwise"] > 0
+
+
+def test_resident_bytes_counts_shared_storage_once():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight  # tied
+    assert resident_bytes(nn.Sequential(a, b)) == (16 + 4 + 4) * 4

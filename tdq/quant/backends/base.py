@@ -126,6 +126,7 @@ class RealQuantModule(QuantMixin, nn.Module):
         return self.dequantized_weight()
 
     def dequantized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """The weight rebuilt from the integer codes, `(q - zp) * scale` (equals the simulator's fake-quant weight)."""
         raise NotImplementedError
 
     def quantized_weight(self) -> torch.Tensor:

@@ -33,6 +33,7 @@ from tdq.quant import (
     WeightQuantizer,
     register_quant_module,
 )
+from tdq.quant.backends import backend_info, resident_bytes, to_backend
 from tdq.serialization import load_quantization, save_quantization
 
 
@@ -60,6 +61,7 @@ __all__ = [
     "TimestepGrid",
     "TimestepHook",
     "WeightQuantizer",
+    "backend_info",
     "calibrate",
     "calibration",
     "convert",
@@ -75,7 +77,9 @@ __all__ = [
     "register_adapter",
     "register_quant_module",
     "remove_hook",
+    "resident_bytes",
     "save_quantization",
     "select_layers",
+    "to_backend",
     "wrap",
 ]

@@ -415,7 +415,9 @@ def _expected_state(
     return names, sd
 
 
-def load_quantization(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_quantization(
+    model: nn.Module, directory: str | os.PathLike, backend: str | None = None
+) -> nn.Module:
     r"""
     Quantize `model` with the saved config and adapter and load the saved tdq state into it (no calibration).
 
@@ -427,6 +429,10 @@ def load_quantization(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
             with `include_float=True`), or a model already quantized with the same config.
         directory (`str` or `os.PathLike`):
             The directory written by `save_quantization`.
+        backend (`str`, *optional*):
+            Lower the model onto this backend (see `tdq.to_backend`: `"auto"`, `"x86"`, `"weight_only_int4"`, ...)
+            with the saved integer codes going straight into its kernels (no dequantize/requantize round trip).
+            `None` (default) loads the simulated model with dequantized float weights.
 
     Returns:
         The same `model`, quantized and calibrated.
@@ -544,6 +550,7 @@ def load_quantization(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
 
     # 4. build the state dict to load: dequantize the codes in the dtype they were saved from.
     load: dict[str, torch.Tensor] = {}
+    codes_for_backend: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if not key.endswith(CODES_SUFFIX):
             load[key] = t
@@ -556,6 +563,9 @@ def load_quantization(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
         codes = _unpack_codes(
             tensors[name + CODES_SUFFIX], info["code_layout"], int(info["code_rows"]), int(info["code_cols"])
         )
+        if backend is not None:
+            codes_for_backend[name] = codes
+            continue
         weight = _dequantize_weight(
             codes,
             tensors[f"{name}.weight_quantizer.scale"],
@@ -570,6 +580,7 @@ def load_quantization(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     if not quantized:
         quantize_(model, config, adapter=adapter, filter_fn=layer_filter)
     missing, unexpected = model.load_state_dict(load, strict=False)
+    missing = [k for k in missing if k.removesuffix(".weight") not in codes_for_backend]
     if unexpected or (include_float and missing):
         raise RuntimeError(  # pragma: no cover - guarded by the checks above
             f"internal error loading tdq state: missing {missing[:3]}, unexpected {unexpected[:3]}"
@@ -577,4 +588,8 @@ def load_quantization(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     for _, m in iter_quant_layers(model):
         m._wq_cache = None
         m.act_quantizer.mode = "quant"
+    if backend is not None:
+        from tdq.quant.backends import to_backend
+
+        to_backend(model, backend, codes=codes_for_backend)
     return model

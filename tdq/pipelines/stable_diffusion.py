@@ -219,6 +219,7 @@ class TDQPipeline(StableDiffusionPipeline):
         calibration_kwargs: dict[str, Any] | None = None,
         quantize_text_encoder: bool | TDQConfig = False,
         quantize_vae_decoder: bool | TDQConfig = False,
+        backend: str | None = None,
         **kwargs,
     ) -> TDQPipeline:
         r"""
@@ -255,6 +256,9 @@ class TDQPipeline(StableDiffusionPipeline):
                 `activation.enabled=False` for weight-only).
             quantize_vae_decoder (`bool` or `TDQConfig`, *optional*, defaults to `False`):
                 Also quantize `vae.decoder`, in the same static way.
+            backend (`str`, *optional*):
+                Lower the quantized UNet onto a real backend (`tdq.to_backend`: `"auto"`, `"x86"`, ...). A saved
+                state's integer codes go straight into the kernels.
             **kwargs:
                 Passed to `StableDiffusionPipeline.from_pretrained`.
 
@@ -277,7 +281,7 @@ class TDQPipeline(StableDiffusionPipeline):
                     "%s holds a saved tdq state: it is restored as saved and the quantization arguments are ignored",
                     path,
                 )
-            return cls._from_saved(Path(path), dtype, **kwargs)
+            return cls._from_saved(Path(path), dtype, backend=backend, **kwargs)
         pipe = super().from_pretrained(path, **kwargs)
         pipe.quantize(
             tdq_config=tdq_config,
@@ -290,10 +294,16 @@ class TDQPipeline(StableDiffusionPipeline):
             quantize_text_encoder=quantize_text_encoder,
             quantize_vae_decoder=quantize_vae_decoder,
         )
+        if backend is not None:
+            from tdq.quant.backends import to_backend
+
+            to_backend(pipe.unet, backend)
         return pipe
 
     @classmethod
-    def _from_saved(cls, path: Path, dtype: torch.dtype | None, **kwargs) -> TDQPipeline:
+    def _from_saved(
+        cls, path: Path, dtype: torch.dtype | None, backend: str | None = None, **kwargs
+    ) -> TDQPipeline:
         tdq_dir = path / TDQ_DIRNAME
         index = _read_index(tdq_dir)
         components = index.get("components", {})
@@ -306,7 +316,7 @@ class TDQPipeline(StableDiffusionPipeline):
             if not has_saved_quantization(tdq_dir / "unet"):
                 raise FileNotFoundError(f"{str(path)!r}: the quantized UNet's state tdq/unet/ is missing")
             unet = _unet_skeleton(path, dtype)
-            load_quantization(unet, tdq_dir / "unet")
+            load_quantization(unet, tdq_dir / "unet", backend=backend)
             kwargs["unet"] = unet
         pipe = super().from_pretrained(path, **kwargs)
         for comp, entry in components.items():

@@ -37,6 +37,7 @@ def wrap(
     *,
     schedule: Any = None,
     calibration_seed: int = 0,
+    backend: str | None = None,
     **calibration_kwargs,
 ) -> Any:
     r"""
@@ -63,6 +64,9 @@ def wrap(
             Mixed-precision schedule applied before calibration.
         calibration_seed (`int`, *optional*, defaults to `0`):
             Seed of the observers (percentile/MSE subsampling).
+        backend (`str`, *optional*):
+            After calibration, lower the denoiser onto this backend (`tdq.to_backend`: `"auto"`, `"x86"`, ...);
+            needs calibration (`calibrate_fn` or calibration keyword arguments).
         **calibration_kwargs:
             Without `calibrate_fn`: arguments of one pipeline call used for calibration. When neither is given the
             denoiser is left uncalibrated: run the sampler inside `tdq.calibration(denoiser)` yourself before use.
@@ -84,4 +88,8 @@ def wrap(
                 calibrate_fn(pipe)
             else:
                 pipe(**calibration_kwargs)
+    if backend is not None:
+        from tdq.quant.backends import to_backend
+
+        to_backend(denoiser, backend)
     return pipe

@@ -133,6 +133,9 @@ class RunConfig:
             Under `accelerate launch`, `"cuda"`/`"auto"` give every process its own GPU; `"cpu"` uses CPU processes.
         progress (`bool`, *optional*, defaults to `True`): progress bars.
         threads (`int`, *optional*, defaults to `0`): torch CPU threads (0 keeps torch's default).
+        backend (`str`, *optional*, defaults to `"simulate"`): where the quantized model runs after calibration:
+            `"simulate"` (fake quantization) or a real backend of `tdq.to_backend` (`"auto"`, `"x86"`, ...); the
+            quality metrics are then those of that backend, and the report gains a `backend` section.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -143,6 +146,7 @@ class RunConfig:
     device: str = "cpu"
     progress: bool = True
     threads: int = 0
+    backend: str = "simulate"
 
 
 def to_run_config(cfg: Any) -> RunConfig:
@@ -167,7 +171,7 @@ def to_run_config(cfg: Any) -> RunConfig:
         schedule=ScheduleConfig(**data.get("schedule", {})),
         calibration=CalibrationConfig(**data.get("calibration", {})),
         eval=EvalConfig(**data.get("eval", {})),
-        **{k: v for k, v in data.items() if k in ("device", "progress", "threads")},
+        **{k: v for k, v in data.items() if k in ("device", "progress", "threads", "backend")},
     )
 
 

@@ -78,6 +78,8 @@ class RunContext:
         real_images, real_labels (`torch.Tensor`, *optional*): the real data.
         profile (`SensitivityProfile`, *optional*): the sensitivity profile (stage `profile`).
         schedule (`PrecisionSchedule`, *optional*): the precision schedule (stage `plan`).
+        example_call (*optional*): one recorded denoiser call of the calibration run (stage `calibrate`), on which
+            the `backend` stage times FP32 against the real backend.
         q (`SampleResult`, *optional*): quantized samples of the evaluation seeds (stage `sample`).
         q_feats (`dict[str, torch.Tensor]`): their features.
         metrics (`dict`): the paired and distribution metrics (stage `evaluate`; merged into the report's top level).
@@ -116,6 +118,8 @@ class RunContext:
     # profile, plan
     profile: SensitivityProfile | None = None
     schedule: PrecisionSchedule | None = None
+    # calibrate: one recorded denoiser call (the backend stage times FP32 against the backend on it)
+    example_call: Any = None
     # sample
     q: SampleResult | None = None
     q_feats: dict[str, torch.Tensor] = field(default_factory=dict)

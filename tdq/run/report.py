@@ -423,7 +423,26 @@ def _reference_cache_markdown(report: dict[str, Any]) -> list[str]:
 
 
 #: Markdown of the report sections, in `report.md` order: each maps the report to lines (`[]`: nothing to show).
+def _backend_markdown(report: dict[str, Any]) -> list[str]:
+    be = report.get("backend")
+    if not be:
+        return []
+    lat, cap = be["latency"], be["capability"]
+    kernels = ", ".join(f"{k}: {n}" for k, n in be["kernels"].items())
+    return [
+        "## Backend",
+        "",
+        f"Quantized samples ran on `{be['backend']}` (asked `{be['requested']}`), {cap['cpu_model']} "
+        f"({cap['torch_cpu_capability']}), torch {cap['torch_version']}. Per denoiser call "
+        f"{lat['ratio_median']:.3f}x FP32 eager (min {lat['ratio_min']:.3f}, {lat['pairs']} interleaved pairs, "
+        f"{lat['threads']} threads); resident weight bytes {be['resident_bytes_ratio']:.3f}x FP32. "
+        f"Kernels (layers): {kernels}.",
+        "",
+    ]
+
+
 MARKDOWN_SECTIONS: list[Callable[[dict[str, Any]], list[str]]] = [
+    _backend_markdown,
     _noise_floor_markdown,
     _data_markdown,
     _conditioning_markdown,

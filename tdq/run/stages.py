@@ -44,6 +44,7 @@ from tdq.eval.reference import (
     reference_spec,
     state_dict_fingerprint,
 )
+from tdq.quant.backends import backend_report, record_call
 from tdq.run.context import RunContext
 from tdq.run.models import load_model
 from tdq.run.report import (
@@ -59,6 +60,7 @@ from tdq.sampling import ConditionedForward, LatentDiffusionSampler, SampleResul
 __all__ = [
     "STAGES",
     "Stage",
+    "backend",
     "calibrate",
     "evaluate",
     "features",
@@ -295,9 +297,18 @@ def quantize(ctx: RunContext) -> None:
 def calibrate(ctx: RunContext) -> None:
     """Calibrate through the real calibration sampler; the main process's quantizer buffers are synchronized."""
     with ctx.timer("calibrate"):
-        with tdq.calibration(ctx.model.denoiser):
+        with tdq.calibration(ctx.model.denoiser), record_call(ctx.model.denoiser) as example_call:
             ctx.sampler(ctx.cfg.calibration, trajectory=False)(ctx.calib_seeds, desc="calibration")
         ctx.dist.sync_buffers(ctx.model.denoiser)
+    ctx.example_call = example_call
+
+
+def backend(ctx: RunContext) -> None:
+    """Lower the calibrated model onto `cfg.backend` (no-op for `"simulate"`) and time it against FP32."""
+    if ctx.cfg.backend == "simulate":
+        return
+    with ctx.timer("backend"):
+        ctx.sections["backend"] = backend_report(ctx.model.denoiser, ctx.cfg.backend, ctx.example_call)
 
 
 def sample(ctx: RunContext) -> None:
@@ -389,6 +400,7 @@ STAGES: list[Stage] = [
     Stage("plan", plan),
     Stage("quantize", quantize),
     Stage("calibrate", calibrate),
+    Stage("backend", backend),
     Stage("sample", sample),
     Stage("evaluate", evaluate, main_only=True),
     Stage("report", report, main_only=True),

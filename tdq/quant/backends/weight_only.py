@@ -1,0 +1,66 @@
+"""Weight-only backends: weights held as `int8` codes or packed `int4` (two codes per byte), dequantized per call.
+
+The arithmetic is the simulator's (fake-quantized input, dequantized weight, float kernel), so outputs equal the
+simulated model's bit for bit; what changes is memory: no float weight is kept. This is the memory-bound mode.
+
+Why not `aten._weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`: on the machines measured they are GEMV
+kernels for LLM decoding, 30-90x slower than FP32 at the M (batch x pixels) of a diffusion denoiser
+(`experiments/results/backends.json`, `kernel_microbench`); dequantize-then-GEMM costs ~1.05x FP32 there.
+Convolutions in weight-only mode hold their codes the same way and are dequantized per call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tdq.quant import functional as F
+from tdq.quant.backends.base import RealQuantModule, dequantize_rows, weight_rows
+from tdq.quant.modules import QuantMixin
+
+
+class WeightOnlyModule(RealQuantModule):
+    r"""
+    A quantized layer whose weight is stored as integer codes only and dequantized at every call.
+
+    Args:
+        qmod (`QuantMixin`): the calibrated simulated layer (any weight granularity, symmetric or affine).
+        codes (`torch.Tensor`, *optional*): saved integer codes (rows) to use instead of the layer's weight.
+        pack4 (`bool`, *optional*, defaults to `False`): pack codes two per byte (layers with at most 4 weight bits).
+    """
+
+    def __init__(self, qmod: QuantMixin, codes: torch.Tensor | None = None, pack4: bool = False):
+        super().__init__(qmod)
+        rows = weight_rows(qmod, codes)
+        self.rows_shape = tuple(rows.shape)
+        signed = self.weight_quantizer.spec.symmetric
+        self.packed4 = bool(pack4)
+        if pack4:
+            self.register_buffer("weight_codes", F.pack_int4(rows), persistent=False)
+            self.kernel = "dequant_int4+float"
+        else:
+            self.register_buffer(
+                "weight_codes", rows.to(torch.int8 if signed else torch.uint8), persistent=False
+            )
+            self.kernel = "dequant_int8+float"
+
+    @property
+    def storage(self) -> str:
+        """`"int4_packed"` or `"int8"`."""
+        return "int4_packed" if self.packed4 else "int8"
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes as `int16` rows."""
+        if self.packed4:
+            n = self.rows_shape[0] * self.rows_shape[1]
+            q = F.unpack_int4(self.weight_codes, n).to(torch.int16)
+            if not self.weight_quantizer.spec.symmetric:
+                q = q & 0xF
+            return q.reshape(self.rows_shape)
+        return self.weight_codes.to(torch.int16)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The simulator's fake-quantized weight, rebuilt from the codes."""
+        return dequantize_rows(self.codes(), self.weight_quantizer, self.weight_shape, self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.simulate_forward(x)

@@ -1,0 +1,186 @@
+"""The x86 int8 backend: oneDNN `qconv2d_pointwise` / `qlinear_pointwise` with per-bucket static input scales.
+
+The kernels take plain `uint8` activations with a per-tensor scale and zero-point given at call time (prepacking
+does not bake the input scale in: checked by the tests at several scales and zero-points), per-channel `int8`
+weights with zero-point 0 prepacked once, and return FP32. Activation codes are exactly the simulator's:
+affine codes are passed as they are; symmetric codes `q` in `[-127, 127]` are shifted to `q + 128` with
+zero-point 128. A bucket whose activation bit-width is below 8 runs on the same kernel with its coarser scale (the
+codes are the simulator's); a bucket with more than 8 bits runs the simulator's arithmetic on the dequantized
+weight. Weights with fewer than 8 bits run with their codes on the int8 kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from tdq.quant.backends.base import (
+    RealQuantModule,
+    dequantize_rows,
+    fake_quant_bucket,
+    split_by_bucket,
+    weight_rows,
+)
+from tdq.quant.modules import QuantMixin
+
+
+def _inv_scale(scale_f: float) -> float:
+    # 1.0f / scale in float32, the multiplier PyTorch's fake_quantize_per_tensor_affine uses
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale_f, dtype=torch.float32))
+
+
+# `quantize_per_tensor` warns that the QTensor dtypes are deprecated; tdq only uses it as a fused uint8 quantizer
+# (see `quantize_u8`) and falls back to plain ops when it is gone.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated", category=UserWarning)
+_HAS_QTENSOR = hasattr(torch, "quantize_per_tensor") and hasattr(torch, "quint8")
+
+
+def quantize_u8(x: torch.Tensor, scale: float, inv: float, zp: int, lo: int, hi: int) -> torch.Tensor:
+    """
+    `clamp(round(x * inv) + zp, lo, hi)` as `uint8` (round half to even, `inv = 1.0f / scale`): the codes of
+    PyTorch's `fake_quantize_per_tensor_affine`, which the simulator uses.
+
+    Uses `torch.quantize_per_tensor` (one fused pass, 10-20x faster than the five-op chain here) and views its
+    storage as plain `uint8` without a copy; falls back to the op chain where quantized dtypes are gone.
+    """
+    if _HAS_QTENSOR and x.dtype == torch.float32:
+        qx = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
+        u = torch.empty(0, dtype=torch.uint8, device=x.device).set_(
+            qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride()
+        )
+        if lo > 0 or hi < 255:
+            u.clamp_(lo, hi)
+        return u
+    return x.mul(inv).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
+
+
+_ZEROS: dict[int, torch.Tensor] = {}
+
+
+def _zeros(n: int) -> torch.Tensor:
+    """Weight zero-points (all 0) of `n` channels, one shared tensor per size (the kernels only read them)."""
+    if n not in _ZEROS:
+        _ZEROS[n] = torch.zeros(n, dtype=torch.long)
+    return _ZEROS[n]
+
+
+class X86Int8Module(RealQuantModule):
+    r"""
+    A `QuantLinear`/`QuantConv2d` executed by oneDNN's int8 kernels (u8 activations x s8 weights -> FP32).
+
+    Holds only the prepacked `int8` weight (`packed_weight`, oneDNN's blocked layout), the per-channel weight
+    scales, the bias and the layer's quantizers.
+
+    Args:
+        qmod (`QuantMixin`): the calibrated simulated layer (symmetric per-channel or per-tensor weights).
+        codes (`torch.Tensor`, *optional*): saved integer codes (rows) to use instead of the layer's weight.
+    """
+
+    def __init__(self, qmod: QuantMixin, codes: torch.Tensor | None = None):
+        super().__init__(qmod)
+        wq = self.weight_quantizer
+        rows = weight_rows(qmod, codes)
+        q = rows.reshape(self.weight_shape).to(torch.int8)
+        scale = wq.scale.reshape(-1)  # a view: shares the weight quantizer's storage (no second copy)
+        if scale.numel() == 1:
+            scale = scale.expand(self.weight_shape[0])
+        self.register_buffer("w_scale", scale, persistent=False)
+        self.register_buffer("w_zero_point", _zeros(self.weight_shape[0]), persistent=False)
+        if self.is_conv:
+            self.kernel = "onednn.qconv2d_pointwise"
+            packed = torch.ops.onednn.qconv_prepack(
+                q,
+                self.w_scale,
+                1.0,
+                0,
+                list(self.stride),
+                list(self.padding),
+                list(self.dilation),
+                self.groups,
+                None,
+            )
+        else:
+            self.kernel = "onednn.qlinear_pointwise"
+            packed = torch.ops.onednn.qlinear_prepack(q, None)
+        self.register_buffer("packed_weight", packed, persistent=False)
+        self._kparams = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The simulator's fake-quantized weight, rebuilt from the packed codes."""
+        q = self.packed_weight.to_dense()
+        if not self.is_conv:
+            q = q.t()
+        wq = self.weight_quantizer
+        rows = q.reshape(wq.scale.shape[0], -1).to(torch.int16)
+        return dequantize_rows(rows, wq, self.weight_shape, self.weight_dtype)
+
+    def _kernel_params(self) -> list:
+        params = self.act_quantizer._bucket_params()
+        if self._kparams is None or self._kparams[0] is not params:
+            shift = 128 if self.act_quantizer.spec.symmetric else 0
+            per_bucket = []
+            for _, _, qmin, qmax, scale_f, zp_i in params:
+                int_ok = qmin + shift >= 0 and qmax + shift <= 255
+                per_bucket.append(
+                    (int_ok, _inv_scale(scale_f), zp_i + shift, qmin + shift, qmax + shift, scale_f)
+                )
+            self._kparams = (params, per_bucket)
+        return self._kparams[1]
+
+    def _run_bucket(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        int_ok, inv, zp, lo, hi, scale_f = self._kernel_params()[k]
+        if not int_ok:  # > 8 activation bits at this bucket: the simulator's arithmetic, dequantized weight
+            return self._float_forward(
+                fake_quant_bucket(self, self._smoothed(x), k), self.dequantized_weight()
+            )
+        xq = quantize_u8(self._smoothed(x), scale_f, inv, zp, lo, hi)
+        nchw = self.is_conv and not x.is_contiguous(memory_format=torch.channels_last)
+        if nchw:
+            xq = xq.contiguous(memory_format=torch.channels_last)  # oneDNN's int8 conv is fastest in NHWC
+        if self.is_conv:
+            out = torch.ops.onednn.qconv2d_pointwise(
+                xq,
+                scale_f,
+                zp,
+                self.packed_weight,
+                self.w_scale,
+                self.w_zero_point,
+                self.bias,
+                list(self.stride),
+                list(self.padding),
+                list(self.dilation),
+                self.groups,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
+            )
+            # the input's memory format, as F.conv2d: downstream float ops then compute exactly as in the simulator
+            # (a different layout changes their summation order, and quantization amplifies such differences)
+            return out.contiguous() if nchw else out
+        return torch.ops.onednn.qlinear_pointwise(
+            xq.contiguous(),
+            scale_f,
+            zp,
+            self.packed_weight,
+            self.w_scale,
+            self.w_zero_point,
+            self.bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        aq = self.act_quantizer
+        if not self.context.active or aq.mode != "quant" or x.dtype != torch.float32:
+            return self.simulate_forward(x)
+        if not aq._calibrated_all():
+            return self.simulate_forward(x)  # raises the simulator's NotCalibratedError
+        return split_by_bucket(self, x, self._run_bucket)

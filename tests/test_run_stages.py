@@ -168,3 +168,20 @@ def test_multi_process_shards_and_broadcasts(tmp_path, one_thread):
     ref = make_sampler()(SEEDS)
     assert torch.equal(got["images"], ref.images)
     assert torch.equal(got["features"], extract_features(ref.images, make_feature(), batch_size=2))
+
+
+def test_run_on_the_x86_backend_reports_it(tmp_path, one_thread):
+    """`tdq run backend=x86`: the quantized samples come from the integer kernels and the report says so."""
+    from tdq.run.job import run_experiment
+
+    sim = run_experiment(SMALL, tmp_path / "sim")
+    out = run_experiment({**SMALL, "backend": "x86"}, tmp_path / "x86")
+    be = out["backend"]
+    onednn = sum(n for k, n in be["kernels"].items() if k.startswith("onednn."))
+    assert be["backend"] == "x86" and onednn > 0, be["kernels"]
+    assert 0 < be["resident_bytes_ratio"] < 0.5
+    assert be["latency"]["ratio_median"] > 0
+    assert "## Backend" in (tmp_path / "x86" / "report.md").read_text()
+    assert "backend" not in sim
+    # the integer kernels reproduce the simulator's samples closely (same seeds, same scales)
+    assert abs(out["psnr"] - sim["psnr"]) < 1.0, (out["psnr"], sim["psnr"])

@@ -129,6 +129,8 @@ def quantize_(
         float_mod = getattr(parent, child)
         wspec, aspec = config.layer_specs(name)
         qmod = quant_module_class(float_mod).from_float(float_mod, name, wspec, aspec, context)
+        # the new quantizer submodules follow the layer's train/eval mode (stochastic rounding only in training)
+        qmod.train(float_mod.training)
         setattr(parent, child, qmod)
     state = QuantizationInfo(
         config=config, grid=grid, adapter=adapter, context=context, filtered=filter_fn is not None

@@ -362,11 +362,11 @@ def save_quantization(
     _promote(staged, directory / STATE_FILE)
     sidecar["state_file"] = STATE_FILE
     write_sidecar()
-    for stale in directory.glob(
-        "tdq_state.*.safetensors"
-    ):  # this save's staged file and leftovers of failed ones
-        if stale.name != STATE_FILE:
-            stale.unlink(missing_ok=True)
+    # this save's staged file, and what failed or killed saves left (never read: the sidecar names neither)
+    stale = [*directory.glob("tdq_state.*.safetensors"), *directory.glob(".tdq_state*.tmp")]
+    for path in [*stale, *directory.glob(f".{CONFIG_FILE}.*.tmp")]:
+        if path.name != STATE_FILE:
+            path.unlink(missing_ok=True)
     return directory
 
 

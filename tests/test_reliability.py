@@ -218,6 +218,18 @@ def test_check_finite_raises_at_run_time_naming_the_layer():
             model(x, 500.0)
 
 
+def test_stochastic_rounding_is_off_in_an_eval_model():
+    """The quantizers added by quantize_ follow the model's eval mode: no stochastic rounding at inference."""
+    model = _growing(TDQConfig(activation=QuantSpec(rounding="stochastic", symmetric=False)))
+    assert not model.proj.act_quantizer.training
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x, 500.0), model(x, 500.0))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x, 500.0), model(x, 500.0))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. all-zero calibration
 

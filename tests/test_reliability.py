@@ -16,7 +16,7 @@ from tdq import ConfigError, LayerOverride, QuantSpec, TDQConfig, TimestepGrid
 from tdq import testing as T
 from tdq.adapters import TimestepArgumentError
 from tdq.quant import NonFiniteActivationError, NotCalibratedError
-from tdq.run.job import CalibrationConfig, EvalConfig, RunConfig, ScheduleConfig, run_experiment
+from tdq.run.job import CalibrationConfig, EvalConfig, ModelConfig, RunConfig, ScheduleConfig, run_experiment
 from tdq.serialization import (
     CONFIG_FILE,
     STATE_FILE,
@@ -519,10 +519,20 @@ def test_failed_tensor_write_keeps_the_old_pair(tmp_path, monkeypatch):
         ("schedule", "act_candidates", []),
         ("schedule", "weight_candidates", [4, 16]),
         ("schedule", "samples_per_bucket", 0),
+        ("model", "source", "hub"),
+        ("model", "path", 5),
+        ("model", "sample_size", 0),
+        ("model", "crop", -1),
+        ("model", "class_names", "0123"),
     ],
 )
 def test_run_config_values_are_refused(section, field, value):
-    cls = {"eval": EvalConfig, "calibration": CalibrationConfig, "schedule": ScheduleConfig}[section]
+    cls = {
+        "eval": EvalConfig,
+        "calibration": CalibrationConfig,
+        "schedule": ScheduleConfig,
+        "model": ModelConfig,
+    }[section]
     cfg = RunConfig(**{section: cls(**{field: value})})
     with pytest.raises(ConfigError, match=rf"^{section}\.{field}=.* is not allowed; it must be"):
         cfg.validate()

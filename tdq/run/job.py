@@ -182,6 +182,17 @@ class EvalConfig:
 MAX_SEED = 2**62
 
 
+def _check_model_fields(model: ModelConfig) -> None:
+    check_field(model.name, "model.name", "str")
+    check_field(model.source, "model.source", "choice", choices=("zoo", "path", "random"))
+    check_field(model.path, "model.path", "str", optional=model.source != "path")
+    check_field(model.sample_size, "model.sample_size", "int", lo=1, hi=4096)
+    check_field(model.guidance_scale, "model.guidance_scale", "real", lo=0.0, optional=True)
+    check_field(model.prompt_template, "model.prompt_template", "str")
+    check_field(model.class_names, "model.class_names", "str_list", optional=True)
+    check_field(model.crop, "model.crop", "int", lo=0)
+
+
 def _check_sampler_fields(section, prefix: str) -> None:
     check_field(section.num_samples, f"{prefix}.num_samples", "int", lo=1)
     check_field(section.num_inference_steps, f"{prefix}.num_inference_steps", "int", lo=1, hi=10000)
@@ -221,6 +232,7 @@ class RunConfig:
         for name, cls in (("quant", TDQConfig), ("schedule", ScheduleConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise ConfigError(f"{name} must be a {cls.__name__} or a mapping")
+        _check_model_fields(self.model)
         self.quant.validate()
         self.schedule.validate("schedule")
         self.calibration.validate("calibration")

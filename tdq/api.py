@@ -21,7 +21,8 @@ from torch import nn
 
 from tdq.adapters import ConstantTimestepAdapter, TimestepAdapter, get_adapter
 from tdq.config import TDQConfig
-from tdq.grid import TimestepGrid
+from tdq.errors import ConfigError
+from tdq.grid import TimestepGrid, is_int
 from tdq.hooks import TimestepHook
 from tdq.quant.modules import QuantMixin, quant_module_class
 from tdq.quant.quantizers import TimestepContext
@@ -103,8 +104,14 @@ def quantize_(
     Returns:
         The same `model`, for chaining.
     """
+    if isinstance(config, dict):
+        config = TDQConfig.from_dict(config)
+    elif config is not None and not isinstance(config, TDQConfig):
+        raise TypeError(f"config must be a TDQConfig or a mapping of its fields, got {type(config).__name__}")
     config = config or TDQConfig()
     config.validate()
+    if adapter is None and (not is_int(num_train_timesteps) or num_train_timesteps < 2):
+        raise ConfigError(f"num_train_timesteps={num_train_timesteps!r} must be an integer >= 2")
     if hasattr(model, QUANTIZATION_ATTR):
         raise RuntimeError(f"{type(model).__name__} is already quantized by tdq")
     adapter = adapter or get_adapter(model, num_train_timesteps=num_train_timesteps)

@@ -702,3 +702,45 @@ def test_ssim_refuses_images_without_room_for_a_window(shape):
 
     with pytest.raises(ValueError, match=r"SSIM needs images of at least 3×3 pixels"):
         ssim_per_image(torch.rand(shape), torch.rand(shape))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# neighbours: quantize_ arguments, set_bits, precision schedules
+
+
+def test_quantize_arguments_are_checked():
+    with pytest.raises(ConfigError, match=r"weight\.bits=99"):
+        tdq.quantize_(T.GrowingActivationDenoiser(), {"weight": {"bits": 99}})
+    model = tdq.quantize_(T.GrowingActivationDenoiser(), {"weight": {"bits": 4}})  # a mapping is a config
+    assert int(model.proj.weight_quantizer.bits) == 4
+    with pytest.raises(TypeError, match="config must be a TDQConfig or a mapping of its fields, got str"):
+        tdq.quantize_(T.GrowingActivationDenoiser(), "w8a8")
+    for n in (0, 1, 999.0, "1000"):
+        with pytest.raises(ConfigError, match=r"num_train_timesteps=.* must be an integer >= 2"):
+            tdq.quantize_(T.GrowingActivationDenoiser(), num_train_timesteps=n)
+
+
+def test_fractional_activation_bits_are_refused():
+    model = _growing()
+    with pytest.raises(ValueError, match=r"layer 'proj': activation bits 8\.5 must be integers"):
+        model.proj.set_bits(act_bits=torch.tensor(8.5))
+    model.proj.set_bits(act_bits=torch.tensor(6.0))  # integral floats are fine
+    assert model.proj.act_quantizer.bits.tolist() == [6] * 10
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"layers": "proj"}, r"layers='proj' must be a list of layer names"),
+        ({"act_bits": [[8.5] * 10]}, r"act_bits must be a list .* of lists of integers"),
+        ({"weight_bits": ["8"]}, r"weight_bits must be a list of integers"),
+        ({"grid": 10}, r"grid must be a mapping"),
+    ],
+)
+def test_bad_precision_schedule_fields_are_named(edit, match):
+    from tdq.mixed_precision.schedule import PrecisionSchedule
+
+    data = {"layers": ["proj"], "act_bits": [[8] * 10], "weight_bits": [8], "grid": {"num_buckets": 10}}
+    PrecisionSchedule.from_dict(data)
+    with pytest.raises(ValueError, match=match):
+        PrecisionSchedule.from_dict({**data, **edit})

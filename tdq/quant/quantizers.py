@@ -337,7 +337,12 @@ class TimestepActQuantizer(nn.Module):
     @torch.no_grad()
     def set_bits(self, bits: torch.Tensor | int) -> None:
         """Set the bit-width of every bucket (`int`) or per bucket (tensor `[K]`); scales follow the stored ranges."""
-        bits = torch.as_tensor(bits, dtype=torch.int64).expand(self.num_buckets)
+        raw = torch.as_tensor(bits)
+        if raw.dtype == torch.bool or (raw.is_floating_point() and not bool((raw == raw.round()).all())):
+            raise ValueError(
+                f"layer {self.layer_name!r}: activation bits {raw.tolist()} must be integers in 2..16"
+            )
+        bits = raw.to(torch.int64).expand(self.num_buckets)
         bad = [int(b) for b in bits if int(b) not in range(2, 17)]
         if bad:
             raise ValueError(

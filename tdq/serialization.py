@@ -251,6 +251,11 @@ def save_quantization(
     layer_names = {n for n, _ in layers}
     for name, m in layers:
         aq = m.act_quantizer
+        if m.weight.is_meta or m.weight_quantizer.needs_init or aq.needs_init:
+            raise NotCalibratedError(
+                f"layer {name!r}: its weight or quantizer state is on the meta device or was never initialised after "
+                "to_empty(); load the float weights and calibrate (or load a saved state) before saving"
+            )
         if aq.spec.enabled and (aq.mode == "observe" or not bool(aq.calibrated.all())):
             raise NotCalibratedError(
                 f"layer {name!r}: activation quantizer is not calibrated; run the sampler inside "

@@ -607,8 +607,17 @@ def test_bad_config_values_are_named(data, match):
         TDQConfig.from_dict(data)
 
 
-def test_meta_model_calibration_is_a_clear_error():
+def test_meta_model_calibration_is_a_clear_error(tmp_path):
     with torch.device("meta"):  # the whole quantize_ call under the meta device, too
+        model = tdq.quantize_(T.GrowingActivationDenoiser())
+    with pytest.raises(
+        NotCalibratedError, match="layer 'proj': its weight or quantizer state is on the meta device"
+    ):
+        save_quantization(model, tmp_path)
+    model.to_empty(device="cpu")
+    with pytest.raises(NotCalibratedError, match="never initialised after to_empty"):
+        save_quantization(model, tmp_path)
+    with torch.device("meta"):
         model = tdq.quantize_(T.GrowingActivationDenoiser())
     with pytest.raises(RuntimeError, match="layer 'proj': its weight is on the meta device; materialise"):
         with tdq.calibration(model):

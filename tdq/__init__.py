@@ -26,6 +26,7 @@ from tdq.grid import TimestepGrid
 from tdq.hooks import TimestepHook
 from tdq.pipelines.wrap import wrap
 from tdq.quant import (
+    NonFiniteActivationError,
     NotCalibratedError,
     QuantConv2d,
     QuantLinear,
@@ -49,6 +50,7 @@ def __getattr__(name):
 __all__ = [
     "ConfigError",
     "LayerOverride",
+    "NonFiniteActivationError",
     "NotCalibratedError",
     "QuantConv2d",
     "QuantLinear",

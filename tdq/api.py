@@ -21,7 +21,8 @@ from torch import nn
 
 from tdq.adapters import ConstantTimestepAdapter, TimestepAdapter, get_adapter
 from tdq.config import TDQConfig
-from tdq.grid import TimestepGrid
+from tdq.errors import ConfigError
+from tdq.grid import TimestepGrid, is_int
 from tdq.hooks import TimestepHook
 from tdq.quant.modules import QuantMixin, quant_module_class
 from tdq.quant.quantizers import TimestepContext
@@ -103,13 +104,27 @@ def quantize_(
     Returns:
         The same `model`, for chaining.
     """
+    if isinstance(config, dict):
+        config = TDQConfig.from_dict(config)
+    elif config is not None and not isinstance(config, TDQConfig):
+        raise TypeError(f"config must be a TDQConfig or a mapping of its fields, got {type(config).__name__}")
     config = config or TDQConfig()
     config.validate()
+    if adapter is None and (not is_int(num_train_timesteps) or num_train_timesteps < 2):
+        raise ConfigError(f"num_train_timesteps={num_train_timesteps!r} must be an integer >= 2")
     if hasattr(model, QUANTIZATION_ATTR):
         raise RuntimeError(f"{type(model).__name__} is already quantized by tdq")
     adapter = adapter or get_adapter(model, num_train_timesteps=num_train_timesteps)
     grid = config.grid.resolve(*adapter.default_grid())
     context = TimestepContext(grid.num_buckets)
+    context.check_finite = config.check_finite
+    config.check_patterns(
+        [
+            n
+            for n, m in model.named_modules()
+            if n and quant_module_class(m) is not None and (filter_fn is None or filter_fn(m, n))
+        ]
+    )
     names = select_layers(model, config, filter_fn)
     if not names:
         raise ValueError(
@@ -121,6 +136,8 @@ def quantize_(
         float_mod = getattr(parent, child)
         wspec, aspec = config.layer_specs(name)
         qmod = quant_module_class(float_mod).from_float(float_mod, name, wspec, aspec, context)
+        # the new quantizer submodules follow the layer's train/eval mode (stochastic rounding only in training)
+        qmod.train(float_mod.training)
         setattr(parent, child, qmod)
     state = QuantizationInfo(
         config=config, grid=grid, adapter=adapter, context=context, filtered=filter_fn is not None
@@ -177,25 +194,62 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def prepare(model: nn.Module, seed: int = 0) -> None:
-    """Put every activation quantizer in observe mode with fresh per-bucket observers."""
+    """
+    Put every activation quantizer in observe mode with fresh per-bucket observers.
+
+    Quantizers built on the `meta` device (`quantize_` on a meta model, then `to_empty()` and loading the float
+    weights) are re-initialised here from the config: weight ranges from the loaded weights, bit-widths from the
+    config (a precision schedule applied on the meta model must be applied again).
+
+    Raises:
+        `RuntimeError` naming the first layer whose weight is still on the `meta` device.
+    """
+    layers = list(iter_quant_layers(model))
+    for name, m in layers:
+        if m.weight.is_meta:
+            raise RuntimeError(
+                f"layer {name!r}: its weight is on the meta device; materialise the model (to_empty() and load the "
+                "float weights) before calibration"
+            )
     install_hook(model)
-    for i, (_, m) in enumerate(iter_quant_layers(model)):
+    for i, (_, m) in enumerate(layers):
+        if m.weight_quantizer.needs_init or m.act_quantizer.needs_init:
+            m.weight_quantizer.reset_(m.weight)
+            m.act_quantizer.reset_()
+            m._wq_cache = None
         m.act_quantizer.start_observing(seed=seed + 1000 * i)
+
+
+def _abort_calibration(model: nn.Module) -> None:
+    """Leave every activation quantizer in a defined state after a failed calibration: observers dropped, quant
+    mode; layers that were not converted keep their previous scales (none on a first calibration, so using them
+    raises `NotCalibratedError`)."""
+    for _, m in iter_quant_layers(model):
+        m.act_quantizer.observers = None
+        m.act_quantizer.mode = "quant"
 
 
 def convert(model: nn.Module) -> dict[str, list[int]]:
     """
     Freeze the observed per-bucket ranges into scales and switch to quantized mode.
 
+    If a layer cannot be converted (e.g. it saw no activations), every layer leaves observe mode: converted layers
+    keep their new scales, the others their previous ones (none on a first calibration: using them raises
+    `NotCalibratedError`), and the error is raised.
+
     Returns:
         `dict[str, list[int]]`: per layer, the buckets that saw no calibration data and took their nearest
         calibrated neighbour's range (empty when calibration covered every bucket).
     """
     filled = {}
-    for name, m in iter_quant_layers(model):
-        f = m.act_quantizer.finish_observing()
-        if f:
-            filled[name] = f
+    try:
+        for name, m in iter_quant_layers(model):
+            f = m.act_quantizer.finish_observing()
+            if f:
+                filled[name] = f
+    except BaseException:
+        _abort_calibration(model)
+        raise
     if filled:
         some = next(iter(filled.values()))
         logger.warning(
@@ -209,15 +263,14 @@ def calibration(model: nn.Module, seed: int = 0) -> Iterator[nn.Module]:
     """
     Context manager for static calibration: `prepare` on entry, `convert` on a clean exit.
 
-    Run the real sampler inside it; every denoiser call feeds the observers of its own timestep bucket.
+    Run the real sampler inside it; every denoiser call feeds the observers of its own timestep bucket. If the
+    body or `convert` raises, no quantizer is left observing (see `convert`) and the error propagates.
     """
     prepare(model, seed=seed)
     try:
         yield model
     except BaseException:
-        for _, m in iter_quant_layers(model):
-            m.act_quantizer.observers = None
-            m.act_quantizer.mode = "quant"
+        _abort_calibration(model)
         raise
     convert(model)
 
@@ -230,7 +283,11 @@ def calibrate(model: nn.Module, run: Callable[[], object], seed: int = 0) -> dic
         The buckets filled from neighbours, as `convert` returns them.
     """
     prepare(model, seed=seed)
-    run()
+    try:
+        run()
+    except BaseException:
+        _abort_calibration(model)
+        raise
     return convert(model)
 
 
@@ -248,6 +305,7 @@ def static_config(base: TDQConfig | None = None) -> TDQConfig:
         weight=base.weight,
         activation=base.activation,
         grid=TimestepGrid(units="t", t_min=0.0, t_max=1.0, num_buckets=1),
+        check_finite=base.check_finite,
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tdq.errors import ConfigError
-from tdq.grid import TimestepGrid
+from tdq.grid import TimestepGrid, check_bool, check_choice, is_int, is_real
 
 CONFIG_VERSION = 1
 
@@ -23,6 +23,9 @@ OBSERVERS = ("minmax", "percentile", "mse")
 
 WEIGHT_BITS = tuple(range(2, 9))
 ACT_BITS = tuple(range(2, 17))
+
+# Largest per-group size accepted (a group is one row of a weight's scale table).
+MAX_GROUP_SIZE = 1 << 20
 
 
 @dataclass
@@ -60,29 +63,23 @@ class QuantSpec:
     enabled: bool = True
 
     def validate(self, field_name: str, allowed_bits: tuple[int, ...]) -> None:
-        """Raise `ConfigError` naming `field_name` if any value is unsupported."""
-        if int(self.bits) != self.bits or self.bits not in allowed_bits:
+        """Raise `ConfigError` naming `field_name` if any value is unsupported (wrong type or out of range)."""
+        if not is_int(self.bits) or self.bits not in allowed_bits:
             raise ConfigError(
-                f"{field_name}.bits={self.bits!r} is not supported; choose one of {list(allowed_bits)}"
+                f"{field_name}.bits={self.bits!r} is not supported; choose an integer in "
+                f"[{allowed_bits[0]}, {allowed_bits[-1]}]"
             )
-        if self.granularity not in GRANULARITIES:
+        check_choice(self.granularity, GRANULARITIES, f"{field_name}.granularity")
+        if not is_int(self.group_size) or not 1 <= self.group_size <= MAX_GROUP_SIZE:
             raise ConfigError(
-                f"{field_name}.granularity={self.granularity!r} is unknown; choose one of {list(GRANULARITIES)}"
+                f"{field_name}.group_size={self.group_size!r} must be an integer in [1, {MAX_GROUP_SIZE}]"
             )
-        if self.granularity == "per_group" and (
-            int(self.group_size) != self.group_size or self.group_size < 1
-        ):
-            raise ConfigError(f"{field_name}.group_size={self.group_size!r} must be a positive integer")
-        if self.rounding not in ROUNDINGS:
-            raise ConfigError(
-                f"{field_name}.rounding={self.rounding!r} is unknown; choose one of {list(ROUNDINGS)}"
-            )
-        if self.observer not in OBSERVERS:
-            raise ConfigError(
-                f"{field_name}.observer={self.observer!r} is unknown; choose one of {list(OBSERVERS)}"
-            )
-        if not 0.0 < self.percentile <= 100.0:
-            raise ConfigError(f"{field_name}.percentile={self.percentile!r} must be in (0, 100]")
+        check_bool(self.symmetric, f"{field_name}.symmetric")
+        check_choice(self.rounding, ROUNDINGS, f"{field_name}.rounding")
+        check_choice(self.observer, OBSERVERS, f"{field_name}.observer")
+        if not is_real(self.percentile) or not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(f"{field_name}.percentile={self.percentile!r} must be a number in (0, 100]")
+        check_bool(self.enabled, f"{field_name}.enabled")
 
 
 def _default_weight_spec() -> QuantSpec:
@@ -112,6 +109,16 @@ class LayerOverride:
     activation: dict[str, Any] = field(default_factory=dict)
     skip: bool = False
 
+    def validate(self, field_name: str) -> None:
+        """Raise `ConfigError` naming `field_name` if a field has the wrong type (values are checked by
+        `TDQConfig.layer_specs`)."""
+        for name in ("weight", "activation"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(
+                    f"{field_name}.{name}={getattr(self, name)!r} must be a mapping of QuantSpec fields"
+                )
+        check_bool(self.skip, f"{field_name}.skip")
+
 
 def _name_matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
@@ -135,7 +142,15 @@ class TDQConfig:
         include (`list[str]`, *optional*, defaults to `["re:.*"]`): layers to quantize.
         exclude (`list[str]`, *optional*, defaults to `[]`): layers to keep in floating point.
         overrides (`dict[str, LayerOverride]`, *optional*): per-layer changes.
+        check_finite (`bool`, *optional*, defaults to `False`):
+            Check every quantized layer's input for NaN/inf at run time and raise `NonFiniteActivationError` naming
+            the layer (one device sync per layer call). Calibration always checks. Without it, NaN/inf inputs pass
+            through the activation quantizer unchanged (never replaced by finite values), so they still show in
+            the output as they would in floating point.
         version (`int`, *optional*): schema version of this config.
+
+    Every `include`, `exclude` and `overrides` pattern must match at least one quantizable layer of the model
+    `quantize_` is given; a pattern that matches nothing (a typo) is an error, not a no-op.
     """
 
     weight: QuantSpec = field(default_factory=_default_weight_spec)
@@ -144,6 +159,7 @@ class TDQConfig:
     include: list[str] = field(default_factory=lambda: ["re:.*"])
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    check_finite: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -154,14 +170,16 @@ class TDQConfig:
             self.activation = _spec_from_dict(self.activation, "activation")
         if isinstance(self.grid, dict):
             self.grid = _dataclass_from_dict(TimestepGrid, self.grid, "grid")
-        self.include = list(self.include)
-        self.exclude = list(self.exclude)
-        self.overrides = {
-            k: v
-            if isinstance(v, LayerOverride)
-            else _dataclass_from_dict(LayerOverride, dict(v), f"overrides[{k!r}]")
-            for k, v in dict(self.overrides).items()
-        }
+        # A string is not split into characters: `validate` names the field instead.
+        self.include = list(self.include) if isinstance(self.include, list | tuple) else self.include
+        self.exclude = list(self.exclude) if isinstance(self.exclude, list | tuple) else self.exclude
+        if isinstance(self.overrides, dict):
+            self.overrides = {
+                k: v
+                if not isinstance(v, dict)
+                else _dataclass_from_dict(LayerOverride, dict(v), f"overrides[{k!r}]")
+                for k, v in self.overrides.items()
+            }
 
     def validate(self) -> None:
         """Check every field; raise `ConfigError` naming the first bad one."""
@@ -169,6 +187,13 @@ class TDQConfig:
             raise ConfigError(
                 f"version={self.version!r} is not readable; this tdq reads version {CONFIG_VERSION}"
             )
+        for name in ("weight", "activation"):
+            if not isinstance(getattr(self, name), QuantSpec):
+                raise ConfigError(
+                    f"{name} must be a QuantSpec or a mapping, got {type(getattr(self, name)).__name__}"
+                )
+        if not isinstance(self.grid, TimestepGrid):
+            raise ConfigError(f"grid must be a TimestepGrid or a mapping, got {type(self.grid).__name__}")
         self.weight.validate("weight", WEIGHT_BITS)
         self.activation.validate("activation", ACT_BITS)
         if self.activation.granularity != "per_tensor":
@@ -177,6 +202,25 @@ class TDQConfig:
                 "quantized per tensor with one scale per timestep bucket"
             )
         self.grid.validate("grid")
+        for list_name in ("include", "exclude"):
+            patterns = getattr(self, list_name)
+            if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+                raise ConfigError(
+                    f"{list_name}={patterns!r} must be a list of layer names or 're:' regexes (non-empty strings)"
+                )
+        if not self.include:
+            raise ConfigError("include=[] selects no layer; use ['re:.*'] for every layer")
+        if not isinstance(self.overrides, dict) or not all(isinstance(k, str) and k for k in self.overrides):
+            raise ConfigError(
+                f"overrides={self.overrides!r} must map layer names or 're:' regexes to LayerOverride entries"
+            )
+        for key, ov in self.overrides.items():
+            if not isinstance(ov, LayerOverride):
+                raise ConfigError(
+                    f"overrides[{key!r}] must be a LayerOverride or a mapping, got {type(ov).__name__}"
+                )
+            ov.validate(f"overrides[{key!r}]")
+        check_bool(self.check_finite, "check_finite")
         for pattern in [*self.include, *self.exclude, *self.overrides]:
             if pattern.startswith("re:"):
                 try:
@@ -185,6 +229,28 @@ class TDQConfig:
                     raise ConfigError(f"bad regex {pattern!r} in include/exclude/overrides: {e}") from e
         for key in self.overrides:
             self.layer_specs(key if not key.startswith("re:") else "", _check_override=key)
+
+    def check_patterns(self, candidates: list[str]) -> None:
+        """
+        Raise `ConfigError` naming the first `include`/`exclude`/`overrides` pattern that matches none of
+        `candidates` (the quantizable layer names of a model): such a pattern would silently do nothing.
+
+        Args:
+            candidates (`list[str]`): names of the model's layers of a quantizable type.
+        """
+        included = [n for n in candidates if any(_name_matches(p, n) for p in self.include)]
+        selected = [n for n in included if not any(_name_matches(p, n) for p in self.exclude)]
+        checks = [("include", p, candidates) for p in self.include]
+        checks += [("exclude", p, included) for p in self.exclude]
+        checks += [("overrides", k, selected) for k in self.overrides]
+        for field_name, pattern, names in checks:
+            if not any(_name_matches(pattern, n) for n in names):
+                where = "" if names is candidates else " of the layers it applies to"
+                example = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+                raise ConfigError(
+                    f"{field_name} pattern {pattern!r} matches no quantizable layer{where} (a typo?); known "
+                    f"layers: [{example}]"
+                )
 
     def selects(self, name: str) -> bool:
         """Whether the module called `name` is quantized under this config."""
@@ -218,6 +284,10 @@ class TDQConfig:
                 a.bits = ov.act_bits
             w.validate(f"{where}.weight", WEIGHT_BITS)
             a.validate(f"{where}.activation", ACT_BITS)
+            if a.granularity != "per_tensor":
+                raise ConfigError(
+                    f"{where}.activation.granularity={a.granularity!r} is not supported; use per_tensor"
+                )
         return w, a
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,3 +338,68 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="tdq_quant_schema", node=TDQConfig)
+
+
+def check_field(
+    value: Any,
+    field_name: str,
+    kind: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple | None = None,
+    optional: bool = False,
+) -> None:
+    r"""
+    Raise `ConfigError` naming `field_name` and what is allowed unless `value` fits.
+
+    Args:
+        value (`Any`): the value.
+        field_name (`str`): its dotted name, e.g. `"eval.num_inference_steps"`.
+        kind (`str`): `"int"`, `"real"` (finite), `"bool"`, `"str"`, `"choice"` (one of `choices`), `"int_list"` or
+            `"str_list"`.
+        lo (`float`, *optional*): smallest allowed number (for lists: of each element).
+        hi (`float`, *optional*): largest allowed number.
+        choices (`tuple`, *optional*): allowed values for `"choice"` (and for each element of a `"str_list"`).
+        optional (`bool`, *optional*, defaults to `False`): `None` is allowed.
+    """
+    if value is None and optional:
+        return
+    rng = ""
+    if lo is not None or hi is not None:
+        rng = f" in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+    null = " or null" if optional else ""
+
+    def fail(allowed: str) -> ConfigError:
+        return ConfigError(f"{field_name}={value!r} is not allowed; it must be {allowed}{null}")
+
+    def in_range(v) -> bool:
+        return (lo is None or v >= lo) and (hi is None or v <= hi)
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise fail("true or false")
+    elif kind in ("int", "real"):
+        ok = is_int(value) if kind == "int" else is_real(value)
+        if not ok or not in_range(value):
+            raise fail(("an integer" if kind == "int" else "a finite number") + rng)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise fail("a string")
+    elif kind == "choice":
+        if not isinstance(value, str) or value not in choices:
+            raise fail(f"one of {list(choices)}")
+    elif kind == "int_list":
+        if (
+            not isinstance(value, list | tuple)
+            or not value
+            or not all(is_int(v) and in_range(v) for v in value)
+        ):
+            raise fail(f"a non-empty list of integers{rng}")
+    elif kind == "str_list":
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) and (choices is None or v in choices) for v in value
+        ):
+            raise fail("a list of strings" + (f" from {list(choices)}" if choices else ""))
+    else:  # pragma: no cover - programming error
+        raise ValueError(f"unknown kind {kind!r}")

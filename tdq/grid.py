@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,34 @@ SPACINGS = ("linear", "log")
 
 
 OUT_OF_RANGE = ("nearest", "error")
+
+# Largest bucket count accepted: every activation quantizer holds this many scales (per-step grids of 1000-step
+# samplers fit; 2**40 would reach the allocator).
+MAX_NUM_BUCKETS = 4096
+
+
+def is_int(value: Any) -> bool:
+    """Whether `value` is an integer (Python or numpy; `bool` and integral floats such as `8.0` are not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any, finite: bool = True) -> bool:
+    """Whether `value` is a real number (not `bool`, not a string), finite unless `finite=False`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return not finite or math.isfinite(float(value))
+
+
+def check_bool(value: Any, field_name: str) -> None:
+    """Raise `ConfigError` naming `field_name` unless `value` is a `bool`."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field_name}={value!r} must be true or false, got {type(value).__name__}")
+
+
+def check_choice(value: Any, choices: tuple[str, ...], field_name: str) -> None:
+    """Raise `ConfigError` naming `field_name` unless `value` is one of the strings `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{field_name}={value!r} is unknown; choose one of {list(choices)}")
 
 
 @dataclass
@@ -53,19 +82,18 @@ class TimestepGrid:
     out_of_range: str = "nearest"
 
     def validate(self, field_name: str = "grid") -> None:
-        """Raise `ConfigError` naming the field if the grid is unusable."""
-        if self.units not in UNITS:
-            raise ConfigError(f"{field_name}.units={self.units!r} is unknown; choose one of {list(UNITS)}")
-        if int(self.num_buckets) != self.num_buckets or self.num_buckets < 1:
-            raise ConfigError(f"{field_name}.num_buckets={self.num_buckets!r} must be a positive integer")
-        if self.spacing not in SPACINGS:
+        """Raise `ConfigError` naming the field if the grid is unusable (wrong type or out of range)."""
+        check_choice(self.units, UNITS, f"{field_name}.units")
+        if not is_int(self.num_buckets) or not 1 <= self.num_buckets <= MAX_NUM_BUCKETS:
             raise ConfigError(
-                f"{field_name}.spacing={self.spacing!r} is unknown; choose one of {list(SPACINGS)}"
+                f"{field_name}.num_buckets={self.num_buckets!r} must be an integer in [1, {MAX_NUM_BUCKETS}]"
             )
-        if self.out_of_range not in OUT_OF_RANGE:
-            raise ConfigError(
-                f"{field_name}.out_of_range={self.out_of_range!r} is unknown; choose one of {list(OUT_OF_RANGE)}"
-            )
+        check_choice(self.spacing, SPACINGS, f"{field_name}.spacing")
+        check_choice(self.out_of_range, OUT_OF_RANGE, f"{field_name}.out_of_range")
+        for end in ("t_min", "t_max"):
+            value = getattr(self, end)
+            if value is not None and not is_real(value):
+                raise ConfigError(f"{field_name}.{end}={value!r} must be a finite number or null")
         if self.t_min is not None and self.t_max is not None and not self.t_min < self.t_max:
             raise ConfigError(f"{field_name}: t_min={self.t_min} must be smaller than t_max={self.t_max}")
         if self.spacing == "log" and self.t_min is not None and self.t_min <= 0:
@@ -96,9 +124,13 @@ class TimestepGrid:
             raise ConfigError("grid is not resolved: units/t_min/t_max are still 'auto'/None")
         if self.spacing == "log":
             return torch.logspace(
-                math.log10(self.t_min), math.log10(self.t_max), self.num_buckets + 1, dtype=torch.float64
+                math.log10(self.t_min),
+                math.log10(self.t_max),
+                self.num_buckets + 1,
+                dtype=torch.float64,
+                device="cpu",  # also under a `torch.device("meta")` context: the edges are host-side constants
             )
-        return torch.linspace(self.t_min, self.t_max, self.num_buckets + 1, dtype=torch.float64)
+        return torch.linspace(self.t_min, self.t_max, self.num_buckets + 1, dtype=torch.float64, device="cpu")
 
     def centers(self) -> torch.Tensor:
         """Bucket centres (geometric for log spacing), shape `[num_buckets]`."""
@@ -117,7 +149,9 @@ class TimestepGrid:
         Returns:
             `torch.LongTensor` of the same shape with indices in `[0, num_buckets)`.
         """
-        v = torch.as_tensor(values, dtype=torch.float64)
+        v = torch.as_tensor(values, dtype=torch.float64, device="cpu")
+        if bool(torch.isnan(v).any()):
+            raise ValueError(f"timestep is NaN ({self.units}); a timestep must be a finite number")
         if self.out_of_range == "error":
             tol = 1e-6 * max(abs(self.t_max), 1.0)
             bad = (v < self.t_min - tol) | (v > self.t_max + tol)

@@ -11,17 +11,52 @@ on any other module it is a torch forward pre-hook.
 from __future__ import annotations
 
 import bisect
+import math
+import numbers
 
+import numpy as np
 import torch
 from diffusers import ModelMixin
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from tdq.adapters import TimestepAdapter
+from tdq.adapters import TimestepAdapter, TimestepArgumentError
 from tdq.grid import TimestepGrid
 from tdq.quant.quantizers import TimestepContext
 
 HOOK_NAME = "tdq_timestep"
+
+
+def check_timestep(value, arg_name: str = "timestep", model_name: str = "denoiser"):
+    """
+    Check the type of a raw timestep argument; return it as a Python number or a real-valued tensor.
+
+    Accepted: a real Python or numpy number (not `bool`), a non-empty integer or floating-point `torch.Tensor` or
+    numpy array of any shape. Everything else (lists, strings, `bool`/complex values or tensors, empty tensors) raises
+    `TimestepArgumentError` naming the argument.
+
+    Args:
+        value: the raw timestep as passed to the denoiser.
+        arg_name (`str`, *optional*): the argument's name, for the message.
+        model_name (`str`, *optional*): the denoiser's class name, for the message.
+    """
+    allowed = "a real number, or a non-empty integer or floating-point tensor / numpy array"
+    where = f"{model_name}: timestep argument {arg_name!r}"
+    if isinstance(value, np.ndarray | np.generic) and not isinstance(value, np.bool_):
+        if value.dtype.kind not in "iuf":
+            raise TimestepArgumentError(f"{where} has numpy dtype {value.dtype}; it must be {allowed}")
+        value = torch.from_numpy(np.asarray(value))
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TimestepArgumentError(f"{where} has dtype {value.dtype}; it must be {allowed}")
+        if value.numel() == 0:
+            raise TimestepArgumentError(f"{where} is an empty tensor; it must be {allowed}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TimestepArgumentError(
+            f"{where} is a {type(value).__name__} ({value!r:.60}); it must be {allowed}"
+        )
+    return value
 
 
 def _diffusers_registry(model: nn.Module):
@@ -90,20 +125,30 @@ class TimestepHook:
 
     def bucket_of(self, raw) -> tuple[int | None, torch.Tensor | None]:
         """Return `(bucket, None)` if every sample shares one bucket, else `(None, per_sample_buckets)`."""
-        value = self.adapter.to_grid(raw)
+        value = self.adapter.to_grid(check_timestep(raw, self.adapter.arg_name, self.model_name))
         if isinstance(value, torch.Tensor) and value.numel() > 1:
             flat = value.reshape(-1)
             if bool((flat == flat[0]).all()):
                 value = float(flat[0])
             else:
                 v = flat.to(torch.float64).cpu()
+                if bool(v.isnan().any()):
+                    raise self._nan_error()
                 self._check(float(v.min()), float(v.max()))
                 self.last_value = None
                 return None, torch.bucketize(v, self._inner_t, right=True)
         value = float(value)
+        if math.isnan(value):
+            raise self._nan_error()
         self._check(value, value)
         self.last_value = value
         return bisect.bisect_right(self._inner, value), None
+
+    def _nan_error(self) -> ValueError:
+        return ValueError(
+            f"{self.model_name}: timestep argument {self.adapter.arg_name!r} is NaN; every timestep must be a finite "
+            "number"
+        )
 
     def _pre_forward(self, module, args, kwargs):
         raw = self.adapter.read(args, kwargs, self.model_name)

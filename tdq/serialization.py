@@ -29,6 +29,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +40,13 @@ from torch import nn
 from tdq._version import __version__
 from tdq.adapters import ConstantTimestepAdapter, TimestepAdapter
 from tdq.api import QUANTIZATION_ATTR, get_quantization, iter_quant_layers, quantize_, select_layers
-from tdq.config import TDQConfig
+from tdq.config import ACT_BITS, GRANULARITIES, WEIGHT_BITS, TDQConfig
 from tdq.errors import ConfigError
+from tdq.grid import SPACINGS, UNITS, is_real
 from tdq.quant import functional as F
 from tdq.quant.modules import quant_module_class
 from tdq.quant.quantizers import NotCalibratedError, TimestepContext
-from tdq.utils.io import atomic_write, sha256_file
+from tdq.utils.io import atomic_copy, atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +173,27 @@ def _adapter_from_dict(data: dict[str, Any]) -> TimestepAdapter:
             f"unknown timestep adapter class {name!r} in the tdq sidecar; known: {sorted(classes)}"
         )
     try:
-        return classes[name](**data)
+        adapter = classes[name](**data)
     except TypeError as e:
         raise SavedQuantizationError(f"bad timestep adapter in the tdq sidecar: {e}") from e
+    checks = {
+        "arg_name": isinstance(adapter.arg_name, str),
+        "position": adapter.position is None or (_is_int(adapter.position) and adapter.position >= 0),
+        "units": adapter.units in UNITS and adapter.units != "auto",
+        "t_min": is_real(adapter.t_min),
+        "t_max": is_real(adapter.t_max),
+        "spacing": adapter.spacing in SPACINGS,
+        "scale": is_real(adapter.scale) and adapter.scale > 0,
+        "value": is_real(getattr(adapter, "value", 0.0)),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise SavedQuantizationError(
+            f"bad timestep adapter in the tdq sidecar: adapter.{bad[0]}={getattr(adapter, bad[0])!r} is not allowed "
+            "(arg_name: a string, position: a non-negative integer or null, units: train_timestep/t/sigma, t_min/"
+            "t_max/value: finite numbers, spacing: linear/log, scale: a positive number)"
+        )
+    return adapter
 
 
 def _meta_probe_state(module: nn.Module, name: str, config: TDQConfig, num_buckets: int) -> dict[str, tuple]:
@@ -230,6 +251,11 @@ def save_quantization(
     layer_names = {n for n, _ in layers}
     for name, m in layers:
         aq = m.act_quantizer
+        if m.weight.is_meta or m.weight_quantizer.needs_init or aq.needs_init:
+            raise NotCalibratedError(
+                f"layer {name!r}: its weight or quantizer state is on the meta device or was never initialised after "
+                "to_empty(); load the float weights and calibrate (or load a saved state) before saving"
+            )
         if aq.spec.enabled and (aq.mode == "observe" or not bool(aq.calibrated.all())):
             raise NotCalibratedError(
                 f"layer {name!r}: activation quantizer is not calibrated; run the sampler inside "
@@ -296,9 +322,13 @@ def save_quantization(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state_path = directory / STATE_FILE
+    # The pair is replaced as a whole: the new tensors go to a file of their own name, the sidecar switches to it
+    # (the commit: until then the old pair is untouched and loads), then the file is promoted to `STATE_FILE` and
+    # the sidecar switched again. A failure at any step leaves a sidecar whose state file exists and matches.
+    staged_name = f"tdq_state.{uuid.uuid4().hex[:16]}.safetensors"
+    staged = directory / staged_name
     atomic_write(
-        state_path,
+        staged,
         lambda p: save_file(
             tensors, p, metadata={"format": STATE_FORMAT, "schema_version": str(STATE_SCHEMA_VERSION)}
         ),
@@ -320,11 +350,43 @@ def save_quantization(
             "act_bits": [i["act_bits"] for i in layer_info],
         },
         "layers": layer_info,
-        "state_file": STATE_FILE,
-        "state_sha256": sha256_file(state_path),
+        "state_file": staged_name,
+        "state_sha256": sha256_file(staged),
     }
-    atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(sidecar, indent=2) + "\n"))
+
+    def write_sidecar() -> None:
+        atomic_write(
+            directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(sidecar, indent=2) + "\n")
+        )
+
+    try:
+        write_sidecar()
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    _promote(staged, directory / STATE_FILE)
+    sidecar["state_file"] = STATE_FILE
+    write_sidecar()
+    # this save's staged file, and what failed or killed saves left (never read: the sidecar names neither)
+    stale = [*directory.glob("tdq_state.*.safetensors"), *directory.glob(".tdq_state*.tmp")]
+    for path in [*stale, *directory.glob(f".{CONFIG_FILE}.*.tmp")]:
+        if path.name != STATE_FILE:
+            path.unlink(missing_ok=True)
     return directory
+
+
+def _promote(src: Path, dst: Path) -> None:
+    """Atomically make `dst` hold the bytes of `src` (a hard link where the file system allows, else a copy)."""
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            atomic_copy(src, dst)
+            return
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,13 +432,94 @@ def read_saved_quantization(directory: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in required if k not in data]
     if missing:
         raise SavedQuantizationError(f"tdq sidecar {str(path)!r} is corrupted: missing field(s) {missing}")
+    _check_sidecar(data, str(path))
     return data
+
+
+# The state file a sidecar may name: a bare file name in the state directory (never a path, never `..`).
+_STATE_FILE_NAME = re.compile(r"tdq_state(\.[0-9a-f]{8,64})?\.safetensors")
+_CODE_LAYOUTS = ("float", "int8", "uint8", "int4_packed", "uint4_packed")
+
+
+def _check_sidecar(data: dict[str, Any], where: str) -> None:
+    """Types and values of every sidecar field the loader reads; the message names the field and what is allowed."""
+
+    def bad(field: str, allowed: str, value: Any = None) -> SavedQuantizationError:
+        value = repr(data.get(field) if value is None else value)
+        value = value if len(value) <= 80 else value[:77] + "..."
+        return SavedQuantizationError(
+            f"tdq sidecar {where!r} is corrupted: {field}={value} must be {allowed}"
+        )
+
+    state_file = data.get("state_file", STATE_FILE)
+    if not isinstance(state_file, str) or not _STATE_FILE_NAME.fullmatch(state_file):
+        raise bad(
+            "state_file",
+            f"a file name inside the state directory such as {STATE_FILE!r} (no path, no '..')",
+        )
+    for key in ("config", "grid", "adapter"):
+        if not isinstance(data[key], dict):
+            raise bad(key, "a JSON object")
+    if not isinstance(data["state_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", data["state_sha256"]):
+        raise bad("state_sha256", "a sha256 hex digest (64 lowercase hex digits)")
+    if not isinstance(data["include_float"], bool):
+        raise bad("include_float", "true or false")
+    if not isinstance(data.get("layer_filter", False), bool):
+        raise bad("layer_filter", "true or false")
+    if not isinstance(data["layers"], list):
+        raise bad("layers", "a list of layer entries")
+    for i, info in enumerate(data["layers"]):
+        f = f"layers[{i}]"
+        if not isinstance(info, dict):
+            raise bad(f, "a JSON object", info)
+        name = info.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad(f"{f}.name", "a layer name", name)
+        f = f"layers[{i}] ({name!r})"
+        missing = [k for k in _LAYER_FIELDS if k not in info]
+        if missing:
+            raise SavedQuantizationError(f"tdq sidecar {where!r} is corrupted: {f} lacks field(s) {missing}")
+        if not _is_int_list(info["weight_shape"]) or not all(d >= 0 for d in info["weight_shape"]):
+            raise bad(f"{f}.weight_shape", "a list of non-negative integers", info["weight_shape"])
+        if not isinstance(info["weight_dtype"], str) or not isinstance(
+            getattr(torch, info["weight_dtype"], None), torch.dtype
+        ):
+            raise bad(f"{f}.weight_dtype", "a torch dtype name such as 'float32'", info["weight_dtype"])
+        if not _is_int(info["weight_bits"]) or info["weight_bits"] not in WEIGHT_BITS:
+            raise bad(
+                f"{f}.weight_bits",
+                f"an integer in [{WEIGHT_BITS[0]}, {WEIGHT_BITS[-1]}]",
+                info["weight_bits"],
+            )
+        if not _is_int_list(info["act_bits"]) or not all(b in ACT_BITS for b in info["act_bits"]):
+            raise bad(
+                f"{f}.act_bits", f"a list of integers in [{ACT_BITS[0]}, {ACT_BITS[-1]}]", info["act_bits"]
+            )
+        if info["granularity"] not in GRANULARITIES:
+            raise bad(f"{f}.granularity", f"one of {list(GRANULARITIES)}", info["granularity"])
+        if info["code_layout"] not in _CODE_LAYOUTS:
+            raise bad(f"{f}.code_layout", f"one of {list(_CODE_LAYOUTS)}", info["code_layout"])
+        if info["code_layout"] != "float":
+            for k in ("code_rows", "code_cols"):
+                if not _is_int(info.get(k)) or info[k] < 0:
+                    raise bad(f"{f}.{k}", "a non-negative integer", info.get(k))
+
+
+_LAYER_FIELDS = ("weight_shape", "weight_dtype", "weight_bits", "act_bits", "granularity", "code_layout")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
 
 
 def _read_tensors(directory: Path, sidecar: dict[str, Any]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    path = directory / sidecar.get("state_file", STATE_FILE)
+    path = directory / sidecar.get("state_file", STATE_FILE)  # a bare file name (checked by `_check_sidecar`)
     if not path.is_file():
         raise FileNotFoundError(f"tdq state file {str(path)!r} is missing")
     digest = sha256_file(path)
@@ -389,6 +532,35 @@ def _read_tensors(directory: Path, sidecar: dict[str, Any]) -> dict[str, torch.T
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise SavedQuantizationError(f"tdq state file {str(path)!r} cannot be read: {e}") from e
+
+
+def _check_quantizer_values(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise `SavedQuantizationError` naming the layer and tensor if a saved quantizer value is unusable: NaN/inf
+    or non-positive scales, non-finite zero-points or ranges, bit-widths outside the supported range."""
+
+    def corrupted(key: str, what: str) -> SavedQuantizationError:
+        return SavedQuantizationError(f"tdq state is corrupted: layer {name!r}: {key} {what}")
+
+    for q, allowed in (("weight_quantizer", WEIGHT_BITS), ("act_quantizer", ACT_BITS)):
+        key = f"{name}.{q}.bits"
+        bits = tensors[key]
+        if (
+            bits.dtype.is_floating_point
+            or bits.dtype == torch.bool
+            or not bool(((bits >= allowed[0]) & (bits <= allowed[-1])).all())
+        ):
+            raise corrupted(
+                key,
+                f"holds {bits.flatten().tolist()[:8]}; bit-widths must be in [{allowed[0]}, {allowed[-1]}]",
+            )
+        scale = tensors[f"{name}.{q}.scale"].float()
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            bad = scale[~(torch.isfinite(scale) & (scale > 0))].flatten()[0].item()
+            raise corrupted(f"{name}.{q}.scale", f"holds {bad!r}; scales must be finite and positive")
+        for buf in ("zero_point", "min_val", "max_val"):
+            key = f"{name}.{q}.{buf}"
+            if key in tensors and not bool(torch.isfinite(tensors[key].float()).all()):
+                raise corrupted(key, "holds NaN/inf; it must be finite")
 
 
 def _expected_state(
@@ -450,7 +622,10 @@ def load_quantization(
     except (ConfigError, TypeError) as e:
         raise SavedQuantizationError(f"tdq sidecar in {str(directory)!r} holds an invalid config: {e}") from e
     adapter = _adapter_from_dict(sidecar["adapter"])
-    grid = config.grid.resolve(*adapter.default_grid())
+    try:
+        grid = config.grid.resolve(*adapter.default_grid())
+    except ConfigError as e:
+        raise SavedQuantizationError(f"tdq sidecar in {str(directory)!r} holds an unusable grid: {e}") from e
     if grid.to_dict() != sidecar["grid"]:
         raise SavedQuantizationError(
             f"tdq sidecar in {str(directory)!r} is inconsistent: grid {sidecar['grid']} does not follow from its "
@@ -531,8 +706,9 @@ def load_quantization(
             f"{_layer_of_key(extra[0], name_set)!r}: tensor {extra[0]!r} is not in the model"
         )
 
-    # 3. the sidecar's bit schedule must agree with the tensors.
+    # 3. the quantizer values must be usable and the sidecar's bit schedule must agree with the tensors.
     for name in names:
+        _check_quantizer_values(name, tensors)
         info = saved_layers[name]
         wbits = int(tensors[f"{name}.weight_quantizer.bits"])
         abits = [int(b) for b in tensors[f"{name}.act_quantizer.bits"]]

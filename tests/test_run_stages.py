@@ -67,7 +67,8 @@ def test_stage_and_report_section_extension_points(tmp_path, monkeypatch, one_th
 
     names = [s.name for s in stages.STAGES]
     assert names == [
-        "load", "reference", "features", "profile", "plan", "quantize", "calibrate", "sample", "evaluate", "report"
+        "load", "reference", "features", "profile", "plan", "quantize", "calibrate", "backend", "sample",
+        "evaluate", "report",
     ]  # fmt: skip
     new = list(stages.STAGES)
     new.insert(names.index("quantize") + 1, stages.Stage("count_quantized", count_quantized))

@@ -72,7 +72,7 @@ def test_activation_observers_percentile_and_mse_clip_outliers():
         assert ranges["mse"][k] < 0.8 * ranges["minmax"][k]
 
 
-def test_fused_fast_path_equals_reference_math_and_stays_finite():
+def test_fused_fast_path_equals_reference_math_and_creates_no_nonfinite():
     model, data = _calibrate(4, bits=8)
     aq = model.proj.act_quantizer
     state = tdq.get_quantization(model)
@@ -82,5 +82,8 @@ def test_fused_fast_path_equals_reference_math_and_stays_finite():
     fast = aq(x)
     qmin, qmax = aq.spec.symmetric and (-127, 127) or (0, 255)
     ref = F.fake_quantize(x, aq.scale[2], aq.zero_point[2], qmin, qmax)
-    assert torch.isfinite(fast).all()
+    finite = torch.isfinite(x)
+    assert torch.isfinite(fast[finite]).all()
+    # upstream NaN/inf are passed through, never laundered into finite values
+    assert fast[0, 0].isnan() and fast[0, 1] == float("inf") and fast[0, 2] == -float("inf")
     torch.testing.assert_close(fast[1:], ref[1:], rtol=0, atol=0)

@@ -198,8 +198,10 @@ def psnr_per_image(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0)
 def ssim_per_image(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0) -> torch.Tensor:
     """Per-image SSIM via ``torchmetrics.functional.structural_similarity_index_measure``.
 
-    Uses the standard 11×11 Gaussian window (σ = 1.5), shrunk to the largest odd size that fits for images
-    smaller than 11 px.
+    Uses the standard 11×11 Gaussian window (σ = 1.5). Images smaller than 11 px get the largest odd window `k` that
+    fits (`k <= min(H, W)`) with σ scaled alike (σ = 1.5·k/11, so the window still spans ±3.5σ): torchmetrics sizes
+    its Gaussian window from σ alone, so σ is what is passed. Images under 3 px have no structure to compare and
+    are refused.
 
     Args:
         x (`torch.Tensor` of shape `[N, C, H, W]`): prediction.
@@ -208,16 +210,23 @@ def ssim_per_image(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0)
 
     Returns:
         `torch.Tensor` of shape `[N]`.
+
+    Raises:
+        `ValueError` for images smaller than 3×3 pixels.
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     x, y = _as_images(x, "x"), _as_images(y, "y")
     if x.shape[0] == 0:
         return torch.zeros(0)
-    k = min(11, min(x.shape[-2:]))
+    h, w = x.shape[-2:]
+    if min(h, w) < 3:
+        raise ValueError(f"SSIM needs images of at least 3×3 pixels (a 3×3 window); got {h}×{w}")
+    k = min(11, h, w)
     k = k if k % 2 == 1 else k - 1
+    sigma = 1.5 * k / 11
     return structural_similarity_index_measure(
-        x, y, kernel_size=k, data_range=data_range, reduction="none"
+        x, y, gaussian_kernel=True, sigma=sigma, kernel_size=k, data_range=data_range, reduction="none"
     ).float()
 
 

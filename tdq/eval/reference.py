@@ -10,7 +10,9 @@ Integrity: the manifest records every file's size and sha256, and the tensors' s
 truncated or altered file, a manifest that does not parse or does not match the spec, or tensors of the wrong
 shape make the read fail with a reason; the entry (or the feature file) is then deleted and recomputed, never used.
 Every file is written to a temporary name and renamed into place (atomic on POSIX), data files before the manifest,
-so a crash leaves either the old entry, or data without a manifest record (a miss).
+so a crash leaves either the old entry, or data without a manifest record (a miss). Writers (and the deletion of
+invalid entries) hold an exclusive lock on ``<cache_dir>/.lock``, so processes sharing the cache do not lose each
+other's manifest records.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from tdq.sampling import DiffusionSampler, SampleResult
-from tdq.utils.io import atomic_write_bytes, json_safe, sha256_bytes
+from tdq.utils.io import atomic_write_bytes, file_lock, json_safe, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ __all__ = [
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tdq" / "reference"
 SCHEMA_VERSION = 1
 _MANIFEST = "manifest.json"
+_LOCK = ".lock"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,6 +294,11 @@ class ReferenceCache:
         Returns:
             `tuple`: the tensors (or `None`) and a [`CacheInfo`].
         """
+        # under the writers' lock: a file is never checked against the manifest record of another write
+        with file_lock(self.root / _LOCK):
+            return self._read_locked(spec, name, expected)
+
+    def _read_locked(self, spec, name, expected) -> tuple[dict[str, torch.Tensor] | None, CacheInfo]:
         from safetensors.torch import load
 
         key, folder = self.key(spec), self.entry_dir(spec)
@@ -298,7 +306,7 @@ class ReferenceCache:
         try:
             manifest = self._read_manifest(spec)
         except CacheError as e:
-            self._discard(folder, None, str(e))
+            self._discard(folder, None, str(e), locked=True)
             return None, CacheInfo("invalid", key, str(folder), str(e))
         if manifest is None or name not in manifest["files"]:
             return None, info
@@ -330,7 +338,7 @@ class ReferenceCache:
                         f"expected {list(shape)}"
                     )
         except CacheError as e:
-            self._discard(folder, name, str(e))
+            self._discard(folder, name, str(e), locked=True)
             return None, CacheInfo("invalid", key, str(folder), str(e))
         return tensors, CacheInfo("hit", key, str(folder))
 
@@ -352,22 +360,32 @@ class ReferenceCache:
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         data = save(cpu, metadata={"tdq_cache_key": self.key(spec), "name": name})
         path = folder / self._file_name(name)
-        atomic_write_bytes(path, data)
-        try:
-            manifest = self._read_manifest(spec) or {"files": {}}
-        except CacheError:
-            manifest = {"files": {}}
-        files = dict(manifest["files"])
-        files[name] = {
-            "size": len(data),
-            "sha256": sha256_bytes(data),
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in cpu.items()},
-        }
-        self._write_manifest(spec, files)
+        # Processes sharing the cache serialise the data-then-manifest update of an entry, so none loses another's
+        # manifest record or records a file another process has since replaced.
+        with file_lock(self.root / _LOCK):
+            atomic_write_bytes(path, data)
+            try:
+                manifest = self._read_manifest(spec) or {"files": {}}
+            except CacheError:
+                manifest = {"files": {}}
+            files = dict(manifest["files"])
+            files[name] = {
+                "size": len(data),
+                "sha256": sha256_bytes(data),
+                "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in cpu.items()},
+            }
+            self._write_manifest(spec, files)
         return path
 
-    def _discard(self, folder: Path, name: str | None, reason: str) -> None:
+    def _discard(self, folder: Path, name: str | None, reason: str, locked: bool = False) -> None:
         logger.warning("reference cache entry %s is invalid (%s): recomputing", folder, reason)
+        if locked:
+            self._discard_locked(folder, name)
+            return
+        with file_lock(self.root / _LOCK):
+            self._discard_locked(folder, name)
+
+    def _discard_locked(self, folder: Path, name: str | None) -> None:
         try:
             if name is None:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from tdq.config import ACT_BITS, WEIGHT_BITS
-from tdq.utils.io import json_safe, read_json_object
+from tdq.utils.io import atomic_write, json_safe, read_json_object
 
 SCHEDULE_SCHEMA_VERSION = 1
 
@@ -289,6 +290,7 @@ class PrecisionSchedule:
         missing = [k for k in ("layers", "act_bits", "weight_bits", "grid") if k not in data]
         if missing:
             raise ValueError(f"precision schedule is missing field(s) {missing}")
+        _check_schedule_types(data)
         num_layers = len(data["layers"])
         act = data["act_bits"]
         act_t = (
@@ -315,8 +317,8 @@ class PrecisionSchedule:
             `Path` of the written file.
         """
         path = _json_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # a kill never leaves half a schedule
         return path
 
     @classmethod
@@ -345,3 +347,36 @@ def _k_of(data: dict[str, Any]) -> int:
 def _json_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path if path.suffix else path.with_suffix(".json")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_array(value: Any, dims: int) -> bool:
+    """Whether `value` is an integer tensor/array of `dims` dimensions or nested lists/tuples of integers."""
+    if isinstance(value, torch.Tensor | np.ndarray):
+        kind = (
+            value.dtype.kind if isinstance(value, np.ndarray) else ("f" if value.is_floating_point() else "i")
+        )
+        return value.ndim == dims and kind in "iu" and value.dtype != torch.bool
+    if not isinstance(value, list | tuple):
+        return False
+    return all(_int_array(v, dims - 1) if dims > 1 else _is_int(v) for v in value)
+
+
+def _check_schedule_types(data: dict[str, Any]) -> None:
+    """Raise `ValueError` naming the field unless layers/bits have the types of `to_dict` output."""
+    layers = data["layers"]
+    if not isinstance(layers, list | tuple) or not all(isinstance(n, str) and n for n in layers):
+        raise ValueError(
+            f"precision schedule field layers={str(layers)[:60]!r} must be a list of layer names"
+        )
+    if layers and not _int_array(data["act_bits"], 2):
+        raise ValueError(
+            "precision schedule field act_bits must be a list (one per layer) of lists of integers"
+        )
+    if not _int_array(data["weight_bits"], 1):
+        raise ValueError("precision schedule field weight_bits must be a list of integers (one per layer)")
+    if not isinstance(data["grid"], dict):
+        raise ValueError("precision schedule field grid must be a mapping")

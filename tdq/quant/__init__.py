@@ -9,12 +9,19 @@ from tdq.quant.modules import (
     register_quant_module,
 )
 from tdq.quant.observers import MinMaxObserver, MSEObserver, Observer, PercentileObserver, make_observer
-from tdq.quant.quantizers import NotCalibratedError, TimestepActQuantizer, TimestepContext, WeightQuantizer
+from tdq.quant.quantizers import (
+    NonFiniteActivationError,
+    NotCalibratedError,
+    TimestepActQuantizer,
+    TimestepContext,
+    WeightQuantizer,
+)
 
 __all__ = [
     "QUANT_MODULES",
     "MSEObserver",
     "MinMaxObserver",
+    "NonFiniteActivationError",
     "NotCalibratedError",
     "Observer",
     "PercentileObserver",

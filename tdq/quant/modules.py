@@ -99,6 +99,7 @@ class QuantMixin:
         new.context = context
         new.weight_quantizer = WeightQuantizer(weight_spec, module.weight, name=name)
         new.act_quantizer = TimestepActQuantizer(act_spec, context.num_buckets, context, name=name)
+        new.act_quantizer.needs_init = module.weight.is_meta  # its buffers are garbage after to_empty()
         new._wq_cache = None
         return new
 

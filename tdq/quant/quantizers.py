@@ -6,6 +6,9 @@ from the model's `TimestepContext`, written by the sampler hook before every den
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 from torch import nn
 
@@ -13,9 +16,44 @@ from tdq.config import QuantSpec
 from tdq.quant import functional as F
 from tdq.quant.observers import Observer, make_observer
 
+logger = logging.getLogger(__name__)
+
+# Range `[-ZERO_RANGE_FALLBACK, ZERO_RANGE_FALLBACK]` of an activation quantizer that saw only zeros in calibration.
+ZERO_RANGE_FALLBACK = 1.0
+
+
+def _has_range(mn: torch.Tensor, mx: torch.Tensor) -> bool:
+    """Whether `[min(mn, 0), max(mx, 0)]` has a finite, non-zero width."""
+    lo, hi = float(mn), float(mx)
+    return math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi, 0.0) > 0.0
+
 
 class NotCalibratedError(RuntimeError):
     """Raised when a quantized layer runs before its activation scales were calibrated."""
+
+
+class NonFiniteActivationError(ValueError):
+    """Raised when a quantized layer's input holds NaN/inf during calibration (or at run time with
+    `TDQConfig.check_finite`); the message names the layer."""
+
+
+def _meta_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"layer {name!r}: its quantizer was built on the meta device and never initialised; after to_empty() load "
+        "a saved state with tdq.load_quantization(model, dir) or load the float weights and run "
+        "tdq.calibration(model), which re-initialises it"
+    )
+
+
+def _check_finite(x: torch.Tensor, name: str, when: str, bucket=None) -> None:
+    if not bool(torch.isfinite(x).all()):
+        nan = int(torch.isnan(x).sum())
+        inf = int(torch.isinf(x).sum())
+        at = "" if bucket is None else f" (timestep bucket {bucket})"
+        raise NonFiniteActivationError(
+            f"layer {name!r}: input activation holds {nan} NaN and {inf} inf value(s) {when}{at}; the layers before "
+            "it (or the model's input) produce non-finite values"
+        )
 
 
 class TimestepContext:
@@ -30,11 +68,14 @@ class TimestepContext:
         bucket (`int` or `None`): the bucket when every sample of the batch is in the same one.
         buckets (`torch.LongTensor` or `None`): per-sample buckets `[B]` when they differ.
         num_buckets (`int`): K.
+        check_finite (`bool`): raise `NonFiniteActivationError` for NaN/inf inputs at run time
+            (`TDQConfig.check_finite`).
     """
 
     def __init__(self, num_buckets: int):
         self.num_buckets = num_buckets
         self.active = False
+        self.check_finite = False
         self.bucket: int | None = None
         self.buckets: torch.Tensor | None = None
 
@@ -72,7 +113,22 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("max_val", torch.zeros(rows.shape[0], 1, device=weight.device))
         self.register_buffer("scale", torch.ones(rows.shape[0], 1, device=weight.device))
         self.register_buffer("zero_point", torch.zeros(rows.shape[0], 1, device=weight.device))
+        # Built on the meta device: every buffer is garbage after `to_empty()` until a state is loaded or `reset_`.
+        self.needs_init = weight.is_meta
+        if not weight.is_meta:
+            self.calibrate_(weight)
+
+    @torch.no_grad()
+    def reset_(self, weight: torch.Tensor) -> None:
+        """Re-initialise every buffer from the spec and `weight` (after `to_empty()` on a meta-built model)."""
+        self.bits.fill_(int(self.spec.bits))
         self.calibrate_(weight)
+        self.needs_init = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if all(prefix + k in state_dict for k in self._buffers):
+            self.needs_init = False
 
     @torch.no_grad()
     def calibrate_(self, weight: torch.Tensor) -> None:
@@ -111,6 +167,8 @@ class WeightQuantizer(nn.Module):
         """Fake-quantized copy of `weight` (straight-through gradient)."""
         if not self.spec.enabled:
             return weight
+        if self.needs_init:
+            raise _meta_error(self.layer_name)
         rows = F.reshape_for_granularity(weight, self.spec.granularity, self.spec.group_size)
         qmin, qmax = self.qrange()
         stochastic = self.spec.rounding == "stochastic" and self.training
@@ -184,6 +242,7 @@ class TimestepActQuantizer(nn.Module):
         self.register_buffer("calibrated", torch.zeros(num_buckets, dtype=torch.bool))
         self.observers: list[Observer] | None = None
         self._params: list | None = None  # per-bucket python-side cache of (scale, zp, qmin, qmax)
+        self.needs_init = False  # set by `from_float` for a layer built on the meta device
 
     @property
     def num_buckets(self) -> int:
@@ -224,11 +283,38 @@ class TimestepActQuantizer(nn.Module):
                 f"layer {self.layer_name!r} saw no activations during calibration; did the sampler call the "
                 "denoiser through the hooked model?"
             )
+        zero = []
         for k in seen:
             bits = int(self.bits[k])
-            mn, mx = self.observers[k].compute_range(min(bits, 16), self.spec.symmetric)
+            obs = self.observers[k]
+            mn, mx = obs.compute_range(min(bits, 16), self.spec.symmetric)
+            if not _has_range(mn, mx):  # e.g. a percentile of mostly-zero data: fall back to the full range
+                mn, mx = obs.min_val, obs.max_val
+            if not _has_range(mn, mx):
+                zero.append(k)
             self.min_val[k] = mn
             self.max_val[k] = mx
+        # Zero-range policy: a bucket that saw only zeros would get the smallest scale and crush every later input
+        # to zero. It takes the range of the nearest bucket that saw non-zero inputs; a layer that saw nothing but
+        # zeros gets the unit range [-1, 1].
+        ranged = [k for k in seen if k not in zero]
+        if zero:
+            logger.warning(
+                "layer %r saw only zero inputs in timestep bucket(s) %s during calibration; %s",
+                self.layer_name,
+                zero,
+                "they use the nearest non-zero bucket's range"
+                if ranged
+                else f"it uses the unit range [{-ZERO_RANGE_FALLBACK:g}, {ZERO_RANGE_FALLBACK:g}]",
+            )
+            for k in zero:
+                if ranged:
+                    nearest = min(ranged, key=lambda j: (abs(j - k), j))
+                    self.min_val[k] = self.min_val[nearest]
+                    self.max_val[k] = self.max_val[nearest]
+                else:
+                    self.min_val[k] = -ZERO_RANGE_FALLBACK
+                    self.max_val[k] = ZERO_RANGE_FALLBACK
         filled = []
         for k in range(self.num_buckets):
             if k not in seen:
@@ -251,7 +337,12 @@ class TimestepActQuantizer(nn.Module):
     @torch.no_grad()
     def set_bits(self, bits: torch.Tensor | int) -> None:
         """Set the bit-width of every bucket (`int`) or per bucket (tensor `[K]`); scales follow the stored ranges."""
-        bits = torch.as_tensor(bits, dtype=torch.int64).expand(self.num_buckets)
+        raw = torch.as_tensor(bits)
+        if raw.dtype == torch.bool or (raw.is_floating_point() and not bool((raw == raw.round()).all())):
+            raise ValueError(
+                f"layer {self.layer_name!r}: activation bits {raw.tolist()} must be integers in 2..16"
+            )
+        bits = raw.to(torch.int64).expand(self.num_buckets)
         bad = [int(b) for b in bits if int(b) not in range(2, 17)]
         if bad:
             raise ValueError(
@@ -260,8 +351,22 @@ class TimestepActQuantizer(nn.Module):
         self.bits.copy_(bits)
         self._update_scales()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    @torch.no_grad()
+    def reset_(self) -> None:
+        """Re-initialise every buffer from the spec: uncalibrated, the spec's bits (after `to_empty()`)."""
+        self.scale.fill_(1.0)
+        self.zero_point.zero_()
+        self.bits.fill_(int(self.spec.bits))
+        self.min_val.zero_()
+        self.max_val.zero_()
+        self.calibrated.fill_(False)
+        self._params = None
+        self.needs_init = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if all(prefix + k in state_dict for k in self._buffers):
+            self.needs_init = False
         self._params = None
 
     # ----------------------------------------------------------------- forward
@@ -292,6 +397,8 @@ class TimestepActQuantizer(nn.Module):
                 f"layer {self.layer_name!r}: no timestep was published for this call; quantized layers must run "
                 "inside the hooked denoiser's forward"
             )
+        if self.needs_init:
+            raise _meta_error(self.layer_name)
         if self.mode == "observe":
             self._observe(x, ctx)
             return x
@@ -300,14 +407,23 @@ class TimestepActQuantizer(nn.Module):
                 f"layer {self.layer_name!r}: activation quantizer used before calibration; run the sampler inside "
                 "`tdq.calibration(model)` (or load a calibrated state) first"
             )
+        if ctx.check_finite:
+            _check_finite(x, self.layer_name, "at run time", ctx.bucket)
+        out = self._fake_quantize(x, ctx)
+        if out is x:
+            return x
+        # The quantizer creates no NaN/inf (scales are finite and positive), and it does not hide upstream ones
+        # either: non-finite inputs pass through unchanged, as they would in floating point.
+        return torch.where(torch.isfinite(x), out, x)
+
+    def _fake_quantize(self, x: torch.Tensor, ctx: TimestepContext) -> torch.Tensor:
         stochastic = self.spec.rounding == "stochastic" and self.training
         if ctx.bucket is not None:
             scale, zp, qmin, qmax, scale_f, zp_i = self._bucket_params()[ctx.bucket]
             if qmax >= 2**15 - 1:  # 16-bit: numerically the identity at activation ranges
                 return x
             if x.dtype == torch.float32 and not stochastic:
-                # PyTorch's fused kernel: same result as `F.fake_quantize` (tested), one pass instead of seven;
-                # NaN/inf inputs come out clamped to the range ends (finite).
+                # PyTorch's fused kernel: same result as `F.fake_quantize` (tested), one pass instead of seven.
                 return torch.fake_quantize_per_tensor_affine(x, scale_f, zp_i, qmin, qmax)
             return F.fake_quantize(x, scale.to(x.dtype), zp.to(x.dtype), qmin, qmax, stochastic)
         b = self._expand_buckets(ctx.buckets, x)
@@ -338,6 +454,8 @@ class TimestepActQuantizer(nn.Module):
         )
 
     def _observe(self, x: torch.Tensor, ctx: TimestepContext) -> None:
+        # Calibration always checks: observers would drop NaN/inf and calibrate a broken model as if it were fine.
+        _check_finite(x, self.layer_name, "during calibration", ctx.bucket)
         if ctx.bucket is not None:
             self.observers[ctx.bucket].update(x)
             return

@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tdq.config import TDQConfig
+from tdq.config import ACT_BITS, WEIGHT_BITS, TDQConfig, _dataclass_from_dict, check_field
+from tdq.errors import ConfigError
+from tdq.quant.backends import BACKENDS
 from tdq.run.models import ModelConfig
+from tdq.sampling.noise import SCHEDULERS
 
 __all__ = ["CalibrationConfig", "EvalConfig", "RunConfig", "ScheduleConfig", "to_run_config"]
 
@@ -40,6 +43,27 @@ class ScheduleConfig:
     batch_size: int = 8
     data_free: bool = True
 
+    def validate(self, prefix: str = "schedule") -> None:
+        """Raise `ConfigError` naming the first field that is not allowed."""
+        check_field(self.planner, f"{prefix}.planner", "choice", choices=("milp", "uniform", "none"))
+        check_field(self.avg_act_bits, f"{prefix}.avg_act_bits", "real", lo=ACT_BITS[0], hi=ACT_BITS[-1])
+        check_field(
+            self.avg_weight_bits, f"{prefix}.avg_weight_bits", "real", lo=WEIGHT_BITS[0], hi=WEIGHT_BITS[-1]
+        )
+        check_field(
+            self.act_candidates, f"{prefix}.act_candidates", "int_list", lo=ACT_BITS[0], hi=ACT_BITS[-1]
+        )
+        check_field(
+            self.weight_candidates,
+            f"{prefix}.weight_candidates",
+            "int_list",
+            lo=WEIGHT_BITS[0],
+            hi=WEIGHT_BITS[-1],
+        )
+        check_field(self.samples_per_bucket, f"{prefix}.samples_per_bucket", "int", lo=1)
+        check_field(self.batch_size, f"{prefix}.batch_size", "int", lo=1)
+        check_field(self.data_free, f"{prefix}.data_free", "bool")
+
 
 @dataclass
 class CalibrationConfig:
@@ -59,6 +83,10 @@ class CalibrationConfig:
     scheduler: str = "ddim"
     seed: int = 100000
     batch_size: int = 8
+
+    def validate(self, prefix: str = "calibration") -> None:
+        """Raise `ConfigError` naming the first field that is not allowed."""
+        _check_sampler_fields(self, prefix)
 
 
 @dataclass
@@ -117,6 +145,47 @@ class EvalConfig:
     clip: str = "auto"
     clip_batch_size: int = 64
 
+    def validate(self, prefix: str = "eval") -> None:
+        """Raise `ConfigError` naming the first field that is not allowed."""
+        _check_sampler_fields(self, prefix)
+        check_field(self.feature, f"{prefix}.feature", "choice", choices=("inception", "none"))
+        check_field(self.lpips_nets, f"{prefix}.lpips_nets", "str_list", choices=("alex", "vgg"))
+        for name in ("assets_dir", "cache_dir", "prompt_template"):
+            check_field(getattr(self, name), f"{prefix}.{name}", "str", optional=True)
+        for name in ("cache", "noise_floor"):
+            check_field(getattr(self, name), f"{prefix}.{name}", "bool")
+        check_field(self.noise_floor_seed, f"{prefix}.noise_floor_seed", "int", lo=0, hi=MAX_SEED)
+        check_field(self.dataset, f"{prefix}.dataset", "str")
+        check_field(self.num_real, f"{prefix}.num_real", "int", lo=1, optional=True)
+        check_field(self.feature_batch_size, f"{prefix}.feature_batch_size", "int", lo=1)
+        check_field(self.kid_subsets, f"{prefix}.kid_subsets", "int", lo=1)
+        check_field(self.guidance_scale, f"{prefix}.guidance_scale", "real", lo=0.0, optional=True)
+        check_field(self.clip, f"{prefix}.clip", "str")
+        check_field(self.clip_batch_size, f"{prefix}.clip_batch_size", "int", lo=1)
+
+
+# Seeds seed .. seed + num_samples must fit a torch generator seed.
+MAX_SEED = 2**62
+
+
+def _check_model_fields(model: ModelConfig) -> None:
+    check_field(model.name, "model.name", "str")
+    check_field(model.source, "model.source", "choice", choices=("zoo", "path", "random"))
+    check_field(model.path, "model.path", "str", optional=model.source != "path")
+    check_field(model.sample_size, "model.sample_size", "int", lo=1, hi=4096)
+    check_field(model.guidance_scale, "model.guidance_scale", "real", lo=0.0, optional=True)
+    check_field(model.prompt_template, "model.prompt_template", "str")
+    check_field(model.class_names, "model.class_names", "str_list", optional=True)
+    check_field(model.crop, "model.crop", "int", lo=0)
+
+
+def _check_sampler_fields(section, prefix: str) -> None:
+    check_field(section.num_samples, f"{prefix}.num_samples", "int", lo=1)
+    check_field(section.num_inference_steps, f"{prefix}.num_inference_steps", "int", lo=1, hi=10000)
+    check_field(section.scheduler, f"{prefix}.scheduler", "choice", choices=tuple(sorted(SCHEDULERS)))
+    check_field(section.seed, f"{prefix}.seed", "int", lo=0, hi=MAX_SEED)
+    check_field(section.batch_size, f"{prefix}.batch_size", "int", lo=1)
+
 
 @dataclass
 class RunConfig:
@@ -148,6 +217,21 @@ class RunConfig:
     threads: int = 0
     backend: str = "simulate"
 
+    def validate(self) -> None:
+        """Check every section; raise `ConfigError` naming the first field that is not allowed."""
+        for name, cls in (("quant", TDQConfig), ("schedule", ScheduleConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name} must be a {cls.__name__} or a mapping")
+        _check_model_fields(self.model)
+        self.quant.validate()
+        self.schedule.validate("schedule")
+        self.calibration.validate("calibration")
+        self.eval.validate("eval")
+        check_field(self.device, "device", "str")
+        check_field(self.progress, "progress", "bool")
+        check_field(self.threads, "threads", "int", lo=0, hi=4096)
+        check_field(self.backend, "backend", "choice", choices=("auto", *sorted(BACKENDS)))
+
 
 def to_run_config(cfg: Any) -> RunConfig:
     r"""
@@ -166,11 +250,11 @@ def to_run_config(cfg: Any) -> RunConfig:
     data = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
     data = {k: v for k, v in data.items() if k != "hydra"}
     return RunConfig(
-        model=ModelConfig(**data.get("model", {})),
+        model=_dataclass_from_dict(ModelConfig, data.get("model", {}), "model"),
         quant=TDQConfig.from_dict(data.get("quant", {})),
-        schedule=ScheduleConfig(**data.get("schedule", {})),
-        calibration=CalibrationConfig(**data.get("calibration", {})),
-        eval=EvalConfig(**data.get("eval", {})),
+        schedule=_dataclass_from_dict(ScheduleConfig, data.get("schedule", {}), "schedule"),
+        calibration=_dataclass_from_dict(CalibrationConfig, data.get("calibration", {}), "calibration"),
+        eval=_dataclass_from_dict(EvalConfig, data.get("eval", {}), "eval"),
         **{k: v for k, v in data.items() if k in ("device", "progress", "threads", "backend")},
     )
 

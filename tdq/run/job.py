@@ -55,7 +55,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         `dict`: the report (as in `report.json`) on the main process, `{}` on the others.
     """
     cfg = to_run_config(cfg)
-    cfg.quant.validate()
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = get_distributed(cpu=cfg.device == "cpu")

@@ -5,6 +5,7 @@ Each helper exists once, here; the saved-state, profile, schedule, reference-cac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -12,7 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_dir",
+    "file_lock",
     "json_safe",
     "read_json_object",
     "sha256_bytes",
@@ -76,6 +78,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mode: 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """
+    Hold an exclusive advisory lock (`fcntl.flock`) on `path` (created if needed) for the `with` block, so that
+    processes sharing a folder serialise their read-modify-write updates. A no-op where `fcntl` is unavailable.
+
+    Args:
+        path (`str` or `os.PathLike`): the lock file.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

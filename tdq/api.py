@@ -43,6 +43,7 @@ class QuantizationInfo:
         context (`TimestepContext`): the shared context.
         hook (`TimestepHook` or `None`): the installed hook, if any.
         filtered (`bool`): whether a `filter_fn` narrowed the layer selection (saved states then list the layers).
+        outliers (`tdq.outliers.OutlierDiagnosis` or `None`): the outlier diagnosis of the last calibration.
     """
 
     config: TDQConfig
@@ -51,6 +52,7 @@ class QuantizationInfo:
     context: TimestepContext
     hook: TimestepHook | None = None
     filtered: bool = False
+    outliers: object | None = None
 
 
 def select_layers(
@@ -177,15 +179,19 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def prepare(model: nn.Module, seed: int = 0) -> None:
-    """Put every activation quantizer in observe mode with fresh per-bucket observers."""
+    """Put every activation quantizer in observe mode with fresh per-bucket observers (and outlier statistics)."""
+    from tdq.outliers import attach_stats
+
     install_hook(model)
+    attach_stats(model, seed=seed)
     for i, (_, m) in enumerate(iter_quant_layers(model)):
         m.act_quantizer.start_observing(seed=seed + 1000 * i)
 
 
 def convert(model: nn.Module) -> dict[str, list[int]]:
     """
-    Freeze the observed per-bucket ranges into scales and switch to quantized mode.
+    Freeze the observed per-bucket ranges into scales and switch to quantized mode, then diagnose and handle
+    activation outliers (`TDQConfig.outliers`, see `tdq.outliers.after_calibration`).
 
     Returns:
         `dict[str, list[int]]`: per layer, the buckets that saw no calibration data and took their nearest
@@ -201,6 +207,9 @@ def convert(model: nn.Module) -> dict[str, list[int]]:
         logger.warning(
             "calibration did not reach bucket(s) %s; they use the nearest calibrated bucket's range", some
         )
+    from tdq.outliers import after_calibration
+
+    after_calibration(model)
     return filled
 
 
@@ -217,6 +226,7 @@ def calibration(model: nn.Module, seed: int = 0) -> Iterator[nn.Module]:
     except BaseException:
         for _, m in iter_quant_layers(model):
             m.act_quantizer.observers = None
+            m.act_quantizer.stats = None
             m.act_quantizer.mode = "quant"
         raise
     convert(model)

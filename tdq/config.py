@@ -15,9 +15,11 @@ from typing import Any
 from tdq.errors import ConfigError
 from tdq.grid import TimestepGrid
 
+from tdq.outlier_config import OutlierConfig
+
 CONFIG_VERSION = 1
 
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 ROUNDINGS = ("nearest", "stochastic")
 OBSERVERS = ("minmax", "percentile", "mse")
 
@@ -34,8 +36,9 @@ class QuantSpec:
         bits (`int`, *optional*, defaults to `8`):
             Bit-width of the integer codes. Weights take 2–8 bits, activations 2–16 bits.
         granularity (`str`, *optional*, defaults to `"per_tensor"`):
-            `"per_tensor"`, `"per_channel"` (one scale per output channel; weights only) or `"per_group"`
-            (groups of `group_size` input elements per output channel; weights only).
+            `"per_tensor"`, `"per_channel"` (one scale per output channel; weights only), `"per_group"`
+            (groups of `group_size` input elements per output channel; weights only) or `"per_token"` (dynamic
+            per-token / per-pixel ranges computed on every call; activations only, a baseline).
         group_size (`int`, *optional*, defaults to `64`):
             Number of input elements sharing one scale when `granularity="per_group"`.
         symmetric (`bool`, *optional*, defaults to `True`):
@@ -135,6 +138,8 @@ class TDQConfig:
         include (`list[str]`, *optional*, defaults to `["re:.*"]`): layers to quantize.
         exclude (`list[str]`, *optional*, defaults to `[]`): layers to keep in floating point.
         overrides (`dict[str, LayerOverride]`, *optional*): per-layer changes.
+        outliers (`OutlierConfig`, *optional*): activation-outlier diagnosis and handling after calibration
+            (on by default).
         version (`int`, *optional*): schema version of this config.
     """
 
@@ -144,6 +149,7 @@ class TDQConfig:
     include: list[str] = field(default_factory=lambda: ["re:.*"])
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -154,6 +160,8 @@ class TDQConfig:
             self.activation = _spec_from_dict(self.activation, "activation")
         if isinstance(self.grid, dict):
             self.grid = _dataclass_from_dict(TimestepGrid, self.grid, "grid")
+        if isinstance(self.outliers, dict):
+            self.outliers = _dataclass_from_dict(OutlierConfig, self.outliers, "outliers")
         self.include = list(self.include)
         self.exclude = list(self.exclude)
         self.overrides = {
@@ -171,12 +179,15 @@ class TDQConfig:
             )
         self.weight.validate("weight", WEIGHT_BITS)
         self.activation.validate("activation", ACT_BITS)
-        if self.activation.granularity != "per_tensor":
+        if self.activation.granularity not in ("per_tensor", "per_token"):
             raise ConfigError(
                 f"activation.granularity={self.activation.granularity!r} is not supported; activations are "
-                "quantized per tensor with one scale per timestep bucket"
+                "quantized per tensor with one scale per timestep bucket (or 'per_token', dynamic)"
             )
+        if self.weight.granularity == "per_token":
+            raise ConfigError("weight.granularity='per_token' is for activations only")
         self.grid.validate("grid")
+        self.outliers.validate("outliers")
         for pattern in [*self.include, *self.exclude, *self.overrides]:
             if pattern.startswith("re:"):
                 try:

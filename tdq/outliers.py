@@ -201,13 +201,18 @@ class OutlierDiagnosis:
 
 
 def attach_stats(model: nn.Module, seed: int = 0) -> None:
-    """Undo any smoothing and attach fresh `ChannelStats` to every activation quantizer (called by `tdq.prepare`)."""
+    """
+    Attach fresh `ChannelStats` to every activation quantizer (called by `tdq.prepare`). When smoothing will be
+    chosen again (`outliers.enabled`, `handle` and `smoothing`), any previous smoothing is undone first, so the
+    statistics describe the layer's raw input; otherwise a smoothing set by hand is kept.
+    """
     from tdq.api import get_quantization as get_state
     from tdq.api import iter_quant_layers
 
     cfg = get_state(model).config.outliers
+    rechoose = cfg.enabled and cfg.handle and cfg.smoothing
     for i, (_, m) in enumerate(iter_quant_layers(model)):
-        if m._buffers.get("act_smooth") is not None:
+        if rechoose and m._buffers.get("act_smooth") is not None:
             m.set_act_smooth(None)
         aq = m.act_quantizer
         if not cfg.enabled or not aq.spec.enabled:

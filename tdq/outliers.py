@@ -605,3 +605,24 @@ def spread_conditions(values: list, n: int, seed: int = 0) -> list:
     out = [values[i % len(values)] for i in range(n)]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [out[i] for i in perm]
+
+
+def report_section(model: nn.Module) -> dict[str, Any] | None:
+    r"""
+    The run report's outlier section of a calibrated (and sampled) model: the diagnosis, the run-time counters
+    and their markdown (``"markdown"``), or `None` when the model has no diagnosis and saw no out-of-range input.
+
+    Args:
+        model (`nn.Module`): a model quantized by tdq and calibrated.
+    """
+    from tdq.quantize import get_state
+
+    diag = get_state(model).outliers
+    counters = runtime_counters(model)
+    if diag is None and not counters["out_of_range_timesteps"] and not counters["clipped_layers"]:
+        return None
+    md = diag.markdown() if diag is not None else "## Activation outliers\n\n"
+    section = diag.to_dict() if diag is not None else {}
+    section["runtime"] = counters
+    section["markdown"] = md + "\nRun time:\n\n" + runtime_markdown(counters)
+    return section

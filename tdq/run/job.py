@@ -17,6 +17,8 @@ import torch
 import tdq
 from tdq.config import TDQConfig
 from tdq.run.models import ModelConfig, load_model
+from tdq.outliers import report_section as outlier_report_section
+from tdq.outliers import reset_runtime_counters
 from tdq.sampling import (
     ConditionedForward,
     DiffusionSampler,
@@ -443,6 +445,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         with tdq.calibration(denoiser):
             sampler(cfg.calibration, trajectory=False)(calib_seeds, desc="calibration")
         sync_buffers(denoiser, state)
+        reset_runtime_counters(denoiser)
     with timer("quant_sampling"):
         q = distributed_sample(sampler(ev), eval_seeds, state, desc="quantized")
     with timer("quant_features"):
@@ -528,6 +531,9 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
     }
     if noise_floor is not None:
         report["noise_floor"] = noise_floor
+    outliers = outlier_report_section(denoiser)
+    if outliers is not None:
+        report["outliers"] = outliers
     if data_section is not None:
         report["data"] = data_section
     if cond_section is not None:
@@ -693,6 +699,8 @@ def _f(v: Any) -> str:
 def _markdown_sections(report: dict[str, Any]) -> str:
     """Markdown for the noise-floor, data and cache sections (appended to `report.md`)."""
     lines: list[str] = []
+    if report.get("outliers"):
+        lines.append(report["outliers"]["markdown"])
     nf = report.get("noise_floor")
     if nf:
         n = nf["num_samples"]

@@ -2,7 +2,7 @@
 
 Rows (final-sample PSNR to the same model's FP samples, same seeds; bootstrap 95 % CI over images):
 
-- EDM fixture (``tdq.testing_outliers``; Karras-Heun 6 steps, labels = seed % 10): ``tame`` (no injected outliers),
+- EDM fixture (``tdq.testing.outliers``; Karras-Heun 6 steps, labels = seed % 10): ``tame`` (no injected outliers),
   ``stream`` (residual stream at 1e3–1e6), ``concat`` (one concat input at 1e4); each raw (``outliers.handle=False``)
   vs default, timestep-aware (10 log-σ buckets) vs static (1 bucket), and the per-token dynamic baseline;
 - mnist-ddpm (DDIM 20, eta 0): tame and with outlier channels (``inject_ddpm_outlier_channels``), W8A8 and W8A6.
@@ -93,7 +93,7 @@ def _row(name, q, out, ref, warnings, extra=None) -> dict:
     from tdq.outliers import runtime_counters
 
     p = psnr_per_image(out, ref)
-    d = tdq.get_state(q).outliers
+    d = tdq.get_quantization(q).outliers
     row = {
         "row": name,
         "n": len(p),
@@ -112,7 +112,7 @@ def _row(name, q, out, ref, warnings, extra=None) -> dict:
 
 
 def edm_rows(n: int, results: dict, save) -> None:
-    from tdq.testing_outliers import (
+    from tdq.testing.outliers import (
         edm_sample,
         inject_concat_outliers,
         inject_stream_outliers,
@@ -176,7 +176,7 @@ def ddpm_rows(n: int, results: dict, save) -> None:
 
     import tdq.zoo
     from tdq.eval.metrics import extract_features, fid_from_features
-    from tdq.testing_outliers import inject_ddpm_outlier_channels
+    from tdq.testing.outliers import inject_ddpm_outlier_channels
     from tdq.zoo.judge import load_judge
 
     pipe = DDIMPipeline.from_pretrained(tdq.zoo.path("mnist-ddpm"), local_files_only=True)

@@ -14,7 +14,6 @@ from typing import Any
 
 from tdq.errors import ConfigError
 from tdq.grid import TimestepGrid
-
 from tdq.outlier_config import OutlierConfig
 
 CONFIG_VERSION = 1

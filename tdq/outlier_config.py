@@ -68,7 +68,7 @@ class OutlierConfig:
 
     def validate(self, field_name: str = "outliers") -> None:
         """Raise `ConfigError` naming the field if a value is unusable."""
-        from tdq.config import ConfigError
+        from tdq.errors import ConfigError
 
         for a in self.alphas:
             if not 0.0 < float(a) <= 1.0:

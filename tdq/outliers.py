@@ -10,7 +10,7 @@ input crops, from the same calibration data as the ranges); `tdq.convert` calls 
    splitting for concatenations), per-bucket clipping search, and a 16-bit fallback for the (layer, bucket)
    cells whose error stays large — each kept only where it lowers the reconstruction error;
 3. logs a warning naming the layers whose error is large and saying what to do, and stores an
-   [`OutlierDiagnosis`] on the model (``tdq.get_state(model).outliers``) for the run report
+   [`OutlierDiagnosis`] on the model (``tdq.get_quantization(model).outliers``) for the run report
    ([`OutlierDiagnosis.markdown`]).
 
 Run-time counters ([`runtime_counters`]): denoiser calls whose timestep lay outside the calibrated grid, and, per
@@ -110,7 +110,7 @@ class LayerDiagnosis:
 @dataclass
 class OutlierDiagnosis:
     r"""
-    The outlier diagnosis of a calibrated model (``tdq.get_state(model).outliers``).
+    The outlier diagnosis of a calibrated model (``tdq.get_quantization(model).outliers``).
 
     Args:
         warn_error (`float`): threshold of a "large" relative output error.

@@ -163,7 +163,7 @@ def _is_act_smooth(key: str, layer_names: set[str], saved_layers: dict, tensors:
     if not key.endswith(".act_smooth") or layer not in layer_names:
         return False
     if list(tensors[key].shape) != [int(saved_layers[layer]["weight_shape"][1])]:
-        raise QuantStateError(f"tdq state is corrupted: {key!r} has shape {list(tensors[key].shape)}")
+        raise SavedQuantizationError(f"tdq state is corrupted: {key!r} has shape {list(tensors[key].shape)}")
     return True
 
 

@@ -14,7 +14,7 @@ from tdq.config import TDQConfig
 from tdq.eval.metrics import psnr_per_image
 from tdq.outliers import reset_runtime_counters, runtime_counters
 from tdq.testing import ToySigmaDenoiser
-from tdq.testing_outliers import (
+from tdq.testing.outliers import (
     edm_sample,
     inject_concat_outliers,
     inject_stream_outliers,
@@ -68,7 +68,7 @@ def test_raw_warns_and_default_handles(fixtures, tame_default_psnr, name, caplog
         raw = _quantized(m, outliers={"handle": False})
     msgs = [r.getMessage() for r in caplog.records if r.name == "tdq.outliers"]
     assert msgs and "dec.skip" in msgs[0] and "large quantization error" in msgs[0]
-    diag = tdq.get_state(raw).outliers
+    diag = tdq.get_quantization(raw).outliers
     assert "dec.skip" in diag.flagged_raw
     assert "## Activation outliers" in diag.markdown() and "dec.skip" in diag.markdown()
     raw_psnr = _psnr(edm_sample(raw, SEEDS, steps=4), ref)
@@ -76,7 +76,7 @@ def test_raw_warns_and_default_handles(fixtures, tame_default_psnr, name, caplog
     psnr = _psnr(edm_sample(default, SEEDS, steps=4), ref)
     assert raw_psnr < psnr - 8, (raw_psnr, psnr)  # the fixture really breaks raw per-tensor W8A8
     assert psnr > tame_default_psnr - 3, (psnr, tame_default_psnr)
-    assert tdq.get_state(default).outliers.smoothed
+    assert tdq.get_quantization(default).outliers.smoothed
 
 
 class _One(nn.Module):
@@ -115,11 +115,11 @@ def test_smoothing_preserves_function_and_survives_save_load(kind, tmp_path):
     with torch.no_grad():
         out_q = q(x, 1.0)
     assert not torch.equal(out_q, ref) and torch.allclose(out_q, ref, rtol=0.05, atol=0.05)
-    from tdq.state import load_quant_state, save_quant_state
+    from tdq.serialization import load_quantization, save_quantization
 
-    save_quant_state(q, tmp_path)
+    save_quantization(q, tmp_path)
     fresh = copy.deepcopy(model)
-    load_quant_state(fresh, tmp_path)
+    load_quantization(fresh, tmp_path)
     assert torch.equal(fresh.extra.act_smooth, ql.act_smooth)
     with torch.no_grad():
         assert torch.allclose(fresh(x, 1.0), out_q)
@@ -183,7 +183,7 @@ def test_out_of_range_and_clipped_counters(caplog):
         m(x, torch.tensor(1.0))
         m(x, torch.tensor(5.0))
     reset_runtime_counters(m)
-    for _, layer in tdq.quantize.iter_quant_layers(m):
+    for _, layer in tdq.api.iter_quant_layers(m):
         layer.act_quantizer.check_every = 1
     with caplog.at_level(logging.WARNING, logger="tdq.hooks"):
         m(x, torch.tensor(50.0))

@@ -16,9 +16,9 @@ import torch
 
 import tdq
 from tdq.config import TDQConfig
-from tdq.run.models import ModelConfig, load_model
 from tdq.outliers import report_section as outlier_report_section
 from tdq.outliers import reset_runtime_counters
+from tdq.run.models import ModelConfig, load_model
 from tdq.sampling import (
     ConditionedForward,
     DiffusionSampler,

@@ -30,7 +30,7 @@ from torch import nn
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
-FIXTURE_DIR = Path(__file__).resolve().parent / "zoo" / "checkpoints" / "mnist-edm-tiny"
+FIXTURE_DIR = Path(__file__).resolve().parent.parent / "zoo" / "checkpoints" / "mnist-edm-tiny"
 
 __all__ = [
     "EDMOutlierNet",
@@ -227,7 +227,7 @@ def train_edm_fixture(out_dir: str | Path = FIXTURE_DIR, steps: int = 1500, batc
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
     info = {
-        "class": "tdq.testing_outliers.EDMOutlierNet",
+        "class": "tdq.testing.outliers.EDMOutlierNet",
         "config": model.config,
         "training": {
             "steps": steps,
@@ -237,7 +237,7 @@ def train_edm_fixture(out_dir: str | Path = FIXTURE_DIR, steps: int = 1500, batc
             "loss": "EDM (P_mean -1.2, P_std 1.2, sigma_data 0.5), 10% label dropout",
             "final_loss_mean_last200": sum(losses[-200:]) / 200,
             "wall_s": time.time() - t0,
-            "command": "python -m tdq.testing_outliers",
+            "command": "python -m tdq.testing.outliers",
         },
     }
     (out_dir / "config.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -6,7 +6,8 @@ input crops, from the same calibration data as the ranges); `tdq.convert` calls 
 1. diagnoses every layer and bucket: range, max/p99.9 ratio, channel and token concentration, and the layer's
    relative output error ``‖Y_q − Y‖² / ‖Y‖²`` at its bits on the calibration crops;
 2. handles outliers (`TDQConfig.outliers`): SmoothQuant migration with α searched per layer (one `s` for all
-   buckets; α = 1 is a per-input-channel activation scale folded into the weight), a two-segment `s` (shortcut
+   buckets; α = 1 is a per-input-channel activation scale folded into the weight; factors are powers of two, so
+   the float path stays bit-identical), a two-segment `s` (shortcut
    splitting for concatenations), per-bucket clipping search, and a 16-bit fallback for the (layer, bucket)
    cells whose error stays large — each kept only where it lowers the reconstruction error;
 3. logs a warning naming the layers whose error is large and saying what to do, and stores an
@@ -293,6 +294,12 @@ class _LayerEval:
         return num / max(den, 1e-30)
 
 
+def _pow2(s: torch.Tensor, floor: float) -> torch.Tensor:
+    """Round factors to powers of two (x/s and W·s are then exact, so the float path stays bit-identical)."""
+    lo = 2.0 ** math.ceil(math.log2(floor))
+    return torch.exp2(torch.round(torch.log2(s))).clamp(min=lo, max=1.0)
+
+
 def _smooth_candidates(ev: _LayerEval, cfg) -> list[tuple[str, torch.Tensor]]:
     a = ev.stats.channel_absmax().to(ev.w.device).float()
     a = torch.nan_to_num(a, nan=0.0, posinf=0.0)
@@ -302,8 +309,7 @@ def _smooth_candidates(ev: _LayerEval, cfg) -> list[tuple[str, torch.Tensor]]:
     out = []
     for alpha in cfg.alphas:
         s = a.pow(alpha) / wabs.pow(1 - alpha)
-        s = s / s.max()  # only ratios matter; keep x/s at the input's own magnitude order
-        s = s.clamp(min=cfg.smooth_floor)
+        s = _pow2(s / s.max(), cfg.smooth_floor)  # only ratios matter
         if bool(torch.isfinite(s).all()):
             out.append((f"alpha={alpha:g}", s))
     c = a.numel()
@@ -319,7 +325,7 @@ def _smooth_candidates(ev: _LayerEval, cfg) -> list[tuple[str, torch.Tensor]]:
             s = torch.empty_like(a)
             s[:cut] = a[:cut].max()
             s[cut:] = a[cut:].max()
-            out.append((f"split@{cut}", s / s.max()))
+            out.append((f"split@{cut}", _pow2(s / s.max(), cfg.smooth_floor)))
     return out
 
 

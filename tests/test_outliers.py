@@ -142,7 +142,9 @@ def test_dead_channels_do_not_explode():
     m = _DeadChannels()
     tdq.quantize_(m, TDQConfig(outliers={"alphas": [1.0]}))
     x = torch.randn(64, 8)
-    x[:, :3] *= 1e3  # outlier channels, so smoothing is chosen
+    x[:, :3] *= 1e3  # outlier channels whose weights compensate: all channels matter, smoothing is chosen
+    with torch.no_grad():
+        m.proj.weight[:, :3] /= 1e3
     x[:, 5] = 1e-21  # dead channel
     with tdq.calibration(m):
         m(x, 1.0)
@@ -193,3 +195,17 @@ def test_out_of_range_and_clipped_counters(caplog):
     assert c["calls"] == 3 and c["out_of_range_timesteps"] == 2
     assert sum("outside the calibrated grid" in r.getMessage() for r in caplog.records) == 1  # once
     assert c["clipped_layers"] >= 1 and "conv1" in c["clipped"]
+
+
+def test_chosen_smoothing_keeps_float_path_bit_exact(fixtures):
+    m = fixtures["stream"]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        ref = m(x, torch.tensor([0.5, 3.0]), torch.tensor([1, 2]))
+    q = copy.deepcopy(m)
+    tdq.quantize_(q, TDQConfig(grid={"num_buckets": 2}))
+    with tdq.calibration(q):
+        edm_sample(q, CAL[:2], steps=3)
+    assert tdq.get_quantization(q).outliers.smoothed
+    with torch.no_grad(), tdq.disabled(q):
+        assert torch.equal(q(x, torch.tensor([0.5, 3.0]), torch.tensor([1, 2])), ref)

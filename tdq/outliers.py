@@ -6,8 +6,7 @@ input crops, from the same calibration data as the ranges); `tdq.convert` calls 
 1. diagnoses every layer and bucket: range, max/p99.9 ratio, channel and token concentration, and the layer's
    relative output error ``‖Y_q − Y‖² / ‖Y‖²`` at its bits on the calibration crops;
 2. handles outliers (`TDQConfig.outliers`): SmoothQuant migration with α searched per layer (one `s` for all
-   buckets; α = 1 is a per-input-channel activation scale folded into the weight; factors are powers of two, so
-   the float path stays bit-identical), a two-segment `s` (shortcut
+   buckets; α = 1 is a per-input-channel activation scale folded into the weight), a two-segment `s` (shortcut
    splitting for concatenations), per-bucket clipping search, and a 16-bit fallback for the (layer, bucket)
    cells whose error stays large — each kept only where it lowers the reconstruction error;
 3. logs a warning naming the layers whose error is large and saying what to do, and stores an
@@ -295,9 +294,8 @@ class _LayerEval:
 
 
 def _pow2(s: torch.Tensor, floor: float) -> torch.Tensor:
-    """Round factors to powers of two (x/s and W·s are then exact, so the float path stays bit-identical)."""
-    lo = 2.0 ** math.ceil(math.log2(floor))
-    return torch.exp2(torch.round(torch.log2(s))).clamp(min=lo, max=1.0)
+    """Floor the factors (rounding them to powers of two was measured: mnist-ddpm W8A8 34.6 -> 28.8 dB)."""
+    return s.clamp(min=floor)
 
 
 def _smooth_candidates(ev: _LayerEval, cfg) -> list[tuple[str, torch.Tensor]]:

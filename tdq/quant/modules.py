@@ -134,8 +134,13 @@ class QuantMixin:
         old = self._buffers.get("act_smooth")
         w = self.weight
         view = (1, -1) + (1,) * (w.dim() - 2)
+        fw = self.__dict__.get("_float_weight")
         if old is not None:
-            w.data.div_(old.view(view).to(w.dtype))
+            if fw is not None:
+                w.data.copy_(fw)
+            else:
+                w.data.div_(old.view(view).to(w.dtype))
+        self.__dict__["_float_weight"] = None
         if smooth is None:
             self._buffers["act_smooth"] = None
         else:
@@ -147,6 +152,8 @@ class QuantMixin:
                 )
             if not bool(torch.isfinite(smooth).all() & (smooth > 0).all()):
                 raise ValueError(f"layer {self.layer_name!r}: act_smooth must be positive and finite")
+            # the original weight is kept (not saved) so the float path stays bit-identical to the float model
+            self.__dict__["_float_weight"] = w.detach().clone()
             w.data.mul_(smooth.view(view).to(w.dtype))
             self._buffers["act_smooth"] = smooth
         self.weight_quantizer.calibrate_(w)
@@ -196,6 +203,7 @@ class QuantMixin:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # `act_smooth` is optional: create or drop it to match the state being loaded.
         key = prefix + "act_smooth"
+        self.__dict__["_float_weight"] = None  # the loaded weight replaces any kept float copy
         if key in state_dict:
             self._buffers["act_smooth"] = torch.empty_like(state_dict[key], device=self.weight.device)
         else:
@@ -212,6 +220,9 @@ class QuantLinear(QuantMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._buffers["act_smooth"] is not None:
+            fw = self.__dict__.get("_float_weight")
+            if not self.context.active and fw is not None:
+                return TF.linear(x, fw, self.bias)
             x = self.smooth_input(x)
         if not self.context.active:
             return TF.linear(x, self.weight, self.bias)
@@ -226,6 +237,9 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._buffers["act_smooth"] is not None:
+            fw = self.__dict__.get("_float_weight")
+            if not self.context.active and fw is not None:
+                return self._conv_forward(x, fw, self.bias)
             x = self.smooth_input(x)
         if not self.context.active:
             return self._conv_forward(x, self.weight, self.bias)

@@ -44,6 +44,7 @@ class QuantizationInfo:
         context (`TimestepContext`): the shared context.
         hook (`TimestepHook` or `None`): the installed hook, if any.
         filtered (`bool`): whether a `filter_fn` narrowed the layer selection (saved states then list the layers).
+        outliers (`tdq.outliers.OutlierDiagnosis` or `None`): the outlier diagnosis of the last calibration.
     """
 
     config: TDQConfig
@@ -52,6 +53,7 @@ class QuantizationInfo:
     context: TimestepContext
     hook: TimestepHook | None = None
     filtered: bool = False
+    outliers: object | None = None
 
 
 def select_layers(
@@ -195,7 +197,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def prepare(model: nn.Module, seed: int = 0) -> None:
     """
-    Put every activation quantizer in observe mode with fresh per-bucket observers.
+    Put every activation quantizer in observe mode with fresh per-bucket observers (and outlier statistics).
 
     Quantizers built on the `meta` device (`quantize_` on a meta model, then `to_empty()` and loading the float
     weights) are re-initialised here from the config: weight ranges from the loaded weights, bit-widths from the
@@ -204,6 +206,8 @@ def prepare(model: nn.Module, seed: int = 0) -> None:
     Raises:
         `RuntimeError` naming the first layer whose weight is still on the `meta` device.
     """
+    from tdq.outliers import attach_stats
+
     layers = list(iter_quant_layers(model))
     for name, m in layers:
         if m.weight.is_meta:
@@ -212,11 +216,13 @@ def prepare(model: nn.Module, seed: int = 0) -> None:
                 "float weights) before calibration"
             )
     install_hook(model)
-    for i, (_, m) in enumerate(layers):
+    for _, m in layers:
         if m.weight_quantizer.needs_init or m.act_quantizer.needs_init:
             m.weight_quantizer.reset_(m.weight)
             m.act_quantizer.reset_()
             m._wq_cache = None
+    attach_stats(model, seed=seed)
+    for i, (_, m) in enumerate(layers):
         m.act_quantizer.start_observing(seed=seed + 1000 * i)
 
 
@@ -226,12 +232,14 @@ def _abort_calibration(model: nn.Module) -> None:
     raises `NotCalibratedError`)."""
     for _, m in iter_quant_layers(model):
         m.act_quantizer.observers = None
+        m.act_quantizer.stats = None
         m.act_quantizer.mode = "quant"
 
 
 def convert(model: nn.Module) -> dict[str, list[int]]:
     """
-    Freeze the observed per-bucket ranges into scales and switch to quantized mode.
+    Freeze the observed per-bucket ranges into scales and switch to quantized mode, then diagnose and handle
+    activation outliers (`TDQConfig.outliers`, see `tdq.outliers.after_calibration`).
 
     If a layer cannot be converted (e.g. it saw no activations), every layer leaves observe mode: converted layers
     keep their new scales, the others their previous ones (none on a first calibration: using them raises
@@ -255,6 +263,9 @@ def convert(model: nn.Module) -> dict[str, list[int]]:
         logger.warning(
             "calibration did not reach bucket(s) %s; they use the nearest calibrated bucket's range", some
         )
+    from tdq.outliers import after_calibration
+
+    after_calibration(model)
     return filled
 
 

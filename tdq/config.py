@@ -14,10 +14,11 @@ from typing import Any
 
 from tdq.errors import ConfigError
 from tdq.grid import TimestepGrid, check_bool, check_choice, is_int, is_real
+from tdq.outlier_config import OutlierConfig
 
 CONFIG_VERSION = 1
 
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 ROUNDINGS = ("nearest", "stochastic")
 OBSERVERS = ("minmax", "percentile", "mse")
 
@@ -37,8 +38,9 @@ class QuantSpec:
         bits (`int`, *optional*, defaults to `8`):
             Bit-width of the integer codes. Weights take 2–8 bits, activations 2–16 bits.
         granularity (`str`, *optional*, defaults to `"per_tensor"`):
-            `"per_tensor"`, `"per_channel"` (one scale per output channel; weights only) or `"per_group"`
-            (groups of `group_size` input elements per output channel; weights only).
+            `"per_tensor"`, `"per_channel"` (one scale per output channel; weights only), `"per_group"`
+            (groups of `group_size` input elements per output channel; weights only) or `"per_token"` (dynamic
+            per-token / per-pixel ranges computed on every call; activations only, a baseline).
         group_size (`int`, *optional*, defaults to `64`):
             Number of input elements sharing one scale when `granularity="per_group"`.
         symmetric (`bool`, *optional*, defaults to `True`):
@@ -147,6 +149,8 @@ class TDQConfig:
             the layer (one device sync per layer call). Calibration always checks. Without it, NaN/inf inputs pass
             through the activation quantizer unchanged (never replaced by finite values), so they still show in
             the output as they would in floating point.
+        outliers (`OutlierConfig`, *optional*): activation-outlier diagnosis and handling after calibration
+            (on by default).
         version (`int`, *optional*): schema version of this config.
 
     Every `include`, `exclude` and `overrides` pattern must match at least one quantizable layer of the model
@@ -160,6 +164,7 @@ class TDQConfig:
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     check_finite: bool = False
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -170,6 +175,8 @@ class TDQConfig:
             self.activation = _spec_from_dict(self.activation, "activation")
         if isinstance(self.grid, dict):
             self.grid = _dataclass_from_dict(TimestepGrid, self.grid, "grid")
+        if isinstance(self.outliers, dict):
+            self.outliers = _dataclass_from_dict(OutlierConfig, self.outliers, "outliers")
         # A string is not split into characters: `validate` names the field instead.
         self.include = list(self.include) if isinstance(self.include, list | tuple) else self.include
         self.exclude = list(self.exclude) if isinstance(self.exclude, list | tuple) else self.exclude
@@ -196,11 +203,13 @@ class TDQConfig:
             raise ConfigError(f"grid must be a TimestepGrid or a mapping, got {type(self.grid).__name__}")
         self.weight.validate("weight", WEIGHT_BITS)
         self.activation.validate("activation", ACT_BITS)
-        if self.activation.granularity != "per_tensor":
+        if self.activation.granularity not in ("per_tensor", "per_token"):
             raise ConfigError(
                 f"activation.granularity={self.activation.granularity!r} is not supported; activations are "
-                "quantized per tensor with one scale per timestep bucket"
+                "quantized per tensor with one scale per timestep bucket (or 'per_token', dynamic)"
             )
+        if self.weight.granularity == "per_token":
+            raise ConfigError("weight.granularity='per_token' is for activations only")
         self.grid.validate("grid")
         for list_name in ("include", "exclude"):
             patterns = getattr(self, list_name)
@@ -221,6 +230,7 @@ class TDQConfig:
                 )
             ov.validate(f"overrides[{key!r}]")
         check_bool(self.check_finite, "check_finite")
+        self.outliers.validate("outliers")
         for pattern in [*self.include, *self.exclude, *self.overrides]:
             if pattern.startswith("re:"):
                 try:

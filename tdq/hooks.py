@@ -11,6 +11,7 @@ on any other module it is a torch forward pre-hook.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import numbers
 
@@ -23,6 +24,8 @@ from torch import nn
 from tdq.adapters import TimestepAdapter, TimestepArgumentError
 from tdq.grid import TimestepGrid
 from tdq.quant.quantizers import TimestepContext
+
+logger = logging.getLogger(__name__)
 
 HOOK_NAME = "tdq_timestep"
 
@@ -116,11 +119,27 @@ class TimestepHook:
         context.active = True
 
     def _check(self, lo: float, hi: float) -> None:
-        if self.grid.out_of_range == "error" and (lo < self._lo - self._tol or hi > self._hi + self._tol):
-            bad = lo if lo < self._lo - self._tol else hi
+        if lo >= self._lo - self._tol and hi <= self._hi + self._tol:
+            return
+        # counted (on the model's context, which outlives the hook) and warned about once, whatever the policy
+        ctx = self.context
+        ctx.out_of_range_calls = getattr(ctx, "out_of_range_calls", 0) + 1
+        bad = lo if lo < self._lo - self._tol else hi
+        if self.grid.out_of_range == "error":
             raise ValueError(
                 f"{self.model_name}: timestep {bad:g} ({self.grid.units}) lies outside the calibrated grid "
                 f"[{self._lo:g}, {self._hi:g}]; set grid.out_of_range='nearest' to use the nearest bucket"
+            )
+        if not getattr(ctx, "out_of_range_warned", False):
+            ctx.out_of_range_warned = True
+            logger.warning(
+                "%s: timestep %g (%s) lies outside the calibrated grid [%g, %g]; it uses the nearest bucket's "
+                "scales (warned once; the count is in the run report)",
+                self.model_name,
+                bad,
+                self.grid.units,
+                self._lo,
+                self._hi,
             )
 
     def bucket_of(self, raw) -> tuple[int | None, torch.Tensor | None]:
@@ -152,6 +171,7 @@ class TimestepHook:
 
     def _pre_forward(self, module, args, kwargs):
         raw = self.adapter.read(args, kwargs, self.model_name)
+        self.context.calls += 1
         bucket, buckets = self.bucket_of(raw)
         self.context.set(bucket, buckets)
         return None

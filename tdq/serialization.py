@@ -160,6 +160,16 @@ def _layer_of_key(key: str, layer_names: set[str]) -> str:
     return owner
 
 
+def _is_act_smooth(key: str, layer_names: set[str], saved_layers: dict, tensors: dict) -> bool:
+    """Whether `key` is the optional `act_smooth` buffer (shape `[C_in]`) of a quantized layer."""
+    layer = key[: -len(".act_smooth")]
+    if not key.endswith(".act_smooth") or layer not in layer_names:
+        return False
+    if list(tensors[key].shape) != [int(saved_layers[layer]["weight_shape"][1])]:
+        raise SavedQuantizationError(f"tdq state is corrupted: {key!r} has shape {list(tensors[key].shape)}")
+    return True
+
+
 def _adapter_to_dict(adapter: TimestepAdapter) -> dict[str, Any]:
     return {"class": type(adapter).__name__, **dataclasses.asdict(adapter)}
 
@@ -683,6 +693,8 @@ def load_quantization(
                 dtype = _codes_dtype(layout)
         if not include_float and layer not in name_set:
             continue
+        if key.endswith(".act_smooth") and layer in name_set and key not in tensors:
+            continue  # optional smoothing buffer: the saved layer is not smoothed
         checked.add(key)
         if key not in tensors:
             raise SavedQuantizationError(
@@ -699,7 +711,9 @@ def load_quantization(
             raise SavedQuantizationError(
                 f"tdq state is corrupted: codes {key!r} have dtype {t.dtype}, expected {dtype}"
             )
-    extra = [k for k in tensors if k not in checked]
+    extra = [
+        k for k in tensors if k not in checked and not _is_act_smooth(k, name_set, saved_layers, tensors)
+    ]
     if extra:
         raise SavedQuantizationError(
             f"the saved tdq state does not fit {model_name}: first mismatched layer "

@@ -3,6 +3,11 @@
 Quantized modules subclass the float module they replace (`QuantLinear` is an `nn.Linear`), keep its parameters
 under the same names, and add a `weight_quantizer` and an input `act_quantizer`. When the model's
 `TimestepContext` is inactive (no hook installed) they compute exactly what the float module computes.
+
+Optional buffer `act_smooth` (shape `[C_in]`, absent/`None` = no smoothing): the input quantizer sees
+`x / act_smooth` (channel dim 1 for conv, last dim for linear) and `weight` holds `W * act_smooth` along input
+channels (SmoothQuant migration, per-input-channel activation scales folded into the weight). Set it with
+`set_act_smooth`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class QuantMixin:
     weight_quantizer: WeightQuantizer
     act_quantizer: TimestepActQuantizer
     context: TimestepContext
+    channel_dim: int = 1  # input-channel dim of the activation (1 for conv, -1 for linear)
 
     @classmethod
     def from_float(
@@ -100,8 +106,59 @@ class QuantMixin:
         new.weight_quantizer = WeightQuantizer(weight_spec, module.weight, name=name)
         new.act_quantizer = TimestepActQuantizer(act_spec, context.num_buckets, context, name=name)
         new.act_quantizer.needs_init = module.weight.is_meta  # its buffers are garbage after to_empty()
+        new.act_quantizer.channel_dim = cls.channel_dim
+        new._buffers["act_smooth"] = None
         new._wq_cache = None
         return new
+
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x / act_smooth` along the input-channel dim (the identity when the layer is not smoothed)."""
+        s = self._buffers.get("act_smooth")
+        if s is None:
+            return x
+        if self.channel_dim == 1 and x.dim() > 2:
+            return x / s.view((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
+        return x / s.to(x.dtype)
+
+    @torch.no_grad()
+    def set_act_smooth(self, smooth: torch.Tensor | None) -> None:
+        r"""
+        Migrate activation scale into the weight (SmoothQuant): the input quantizer then sees `x / smooth` and the
+        weight holds `W * smooth` along input channels; the float function is unchanged (up to rounding).
+
+        Replaces any previous smoothing (the weight is first restored), re-calibrates the weight quantizer on the
+        migrated weight. Activation ranges are not touched: set them for the new input afterwards.
+
+        Args:
+            smooth (`torch.Tensor` of shape `[C_in]` or `None`): positive finite factors; `None` removes smoothing.
+        """
+        old = self._buffers.get("act_smooth")
+        w = self.weight
+        view = (1, -1) + (1,) * (w.dim() - 2)
+        fw = self.__dict__.get("_float_weight")
+        if old is not None:
+            if fw is not None:
+                w.data.copy_(fw)
+            else:
+                w.data.div_(old.view(view).to(w.dtype))
+        self.__dict__["_float_weight"] = None
+        if smooth is None:
+            self._buffers["act_smooth"] = None
+        else:
+            smooth = torch.as_tensor(smooth, dtype=torch.float32, device=w.device).reshape(-1)
+            if smooth.numel() != w.shape[1] or getattr(self, "groups", 1) != 1:
+                raise ValueError(
+                    f"layer {self.layer_name!r}: act_smooth needs {w.shape[1]} factors and groups=1, got "
+                    f"{smooth.numel()} factors"
+                )
+            if not bool(torch.isfinite(smooth).all() & (smooth > 0).all()):
+                raise ValueError(f"layer {self.layer_name!r}: act_smooth must be positive and finite")
+            # the original weight is kept (not saved) so the float path stays bit-identical to the float model
+            self.__dict__["_float_weight"] = w.detach().clone()
+            w.data.mul_(smooth.view(view).to(w.dtype))
+            self._buffers["act_smooth"] = smooth
+        self.weight_quantizer.calibrate_(w)
+        self._wq_cache = None
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight; cached while the weight and its quantizer are unchanged and no grad is needed."""
@@ -144,8 +201,15 @@ class QuantMixin:
     def _quant_active(self) -> bool:
         return self.context.active
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # `act_smooth` is optional: create or drop it to match the state being loaded.
+        key = prefix + "act_smooth"
+        self.__dict__["_float_weight"] = None  # the loaded weight replaces any kept float copy
+        if key in state_dict:
+            self._buffers["act_smooth"] = torch.empty_like(state_dict[key], device=self.weight.device)
+        else:
+            self._buffers["act_smooth"] = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._wq_cache = None
 
 
@@ -153,7 +217,14 @@ class QuantMixin:
 class QuantLinear(QuantMixin, nn.Linear):
     """`nn.Linear` with a weight quantizer and a timestep-aware input quantizer."""
 
+    channel_dim = -1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._buffers["act_smooth"] is not None:
+            fw = self.__dict__.get("_float_weight")
+            if not self.context.active and fw is not None:
+                return TF.linear(x, fw, self.bias)
+            x = self.smooth_input(x)
         if not self.context.active:
             return TF.linear(x, self.weight, self.bias)
         return TF.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
@@ -163,7 +234,14 @@ class QuantLinear(QuantMixin, nn.Linear):
 class QuantConv2d(QuantMixin, nn.Conv2d):
     """`nn.Conv2d` with a weight quantizer and a timestep-aware input quantizer."""
 
+    channel_dim = 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._buffers["act_smooth"] is not None:
+            fw = self.__dict__.get("_float_weight")
+            if not self.context.active and fw is not None:
+                return self._conv_forward(x, fw, self.bias)
+            x = self.smooth_input(x)
         if not self.context.active:
             return self._conv_forward(x, self.weight, self.bias)
         return self._conv_forward(self.act_quantizer(x), self.quantized_weight(), self.bias)

@@ -78,6 +78,9 @@ class TimestepContext:
         self.check_finite = False
         self.bucket: int | None = None
         self.buckets: torch.Tensor | None = None
+        self.calls = 0  # denoiser calls seen by the hook
+        self.out_of_range_calls = 0  # calls whose timestep lay outside the calibrated grid
+        self.out_of_range_warned = False
 
     def set(self, bucket: int | None = None, buckets: torch.Tensor | None = None) -> None:
         """Publish the bucket(s) of the call about to run."""
@@ -243,6 +246,14 @@ class TimestepActQuantizer(nn.Module):
         self.observers: list[Observer] | None = None
         self._params: list | None = None  # per-bucket python-side cache of (scale, zp, qmin, qmax)
         self.needs_init = False  # set by `from_float` for a layer built on the meta device
+        self.channel_dim = 1  # input-channel dim, set by the owning module (1 conv, -1 linear)
+        self.stats = None  # a `tdq.quant.stats.ChannelStats` while calibrating, for outlier handling
+        # run-time range check (sampled: every `check_every`-th quantized call): per bucket, checked calls and
+        # calls with inputs beyond the calibrated range by more than 1 % of its width
+        self.check_every = 16
+        self._calls = 0
+        self.checked_calls = [0] * num_buckets
+        self.clipped_calls = [0] * num_buckets
 
     @property
     def num_buckets(self) -> int:
@@ -418,6 +429,11 @@ class TimestepActQuantizer(nn.Module):
 
     def _fake_quantize(self, x: torch.Tensor, ctx: TimestepContext) -> torch.Tensor:
         stochastic = self.spec.rounding == "stochastic" and self.training
+        if self.spec.granularity == "per_token":
+            return self._dynamic_per_token(x, ctx, stochastic)
+        self._calls += 1
+        if ctx.bucket is not None and self._calls % self.check_every == 0:
+            self._check_range(x, ctx.bucket)
         if ctx.bucket is not None:
             scale, zp, qmin, qmax, scale_f, zp_i = self._bucket_params()[ctx.bucket]
             if qmax >= 2**15 - 1:  # 16-bit: numerically the identity at activation ranges
@@ -437,6 +453,28 @@ class TimestepActQuantizer(nn.Module):
             qmax.view(shape),
             stochastic,
         )
+
+    @torch.no_grad()
+    def _check_range(self, x: torch.Tensor, k: int) -> None:
+        lo, hi = float(self.min_val[k]), float(self.max_val[k])
+        mn, mx = torch.aminmax(x.detach())
+        tol = 0.01 * max(hi - lo, 1e-30)
+        self.checked_calls[k] += 1
+        if float(mn) < lo - tol or float(mx) > hi + tol:
+            self.clipped_calls[k] += 1
+
+    def _dynamic_per_token(self, x: torch.Tensor, ctx: TimestepContext, stochastic: bool) -> torch.Tensor:
+        # Dynamic per-token (per-pixel for convs) ranges at the bucket's bit-width: a baseline / option.
+        cd = self.channel_dim % x.dim() if x.dim() > 1 else 0
+        mn = x.detach().amin(dim=cd, keepdim=True)
+        mx = x.detach().amax(dim=cd, keepdim=True)
+        k = ctx.bucket if ctx.bucket is not None else int(ctx.buckets.reshape(-1)[0])
+        bits = int(self.bits[k])
+        if bits >= 16:
+            return x
+        scale, zp = F.scale_zero_point(mn, mx, bits, self.spec.symmetric)
+        qmin, qmax = F.qrange(bits, self.spec.symmetric)
+        return F.fake_quantize(x, scale.to(x.dtype), zp.to(x.dtype), qmin, qmax, stochastic)
 
     def _calibrated_all(self) -> bool:
         if self._params is not None:
@@ -458,10 +496,14 @@ class TimestepActQuantizer(nn.Module):
         _check_finite(x, self.layer_name, "during calibration", ctx.bucket)
         if ctx.bucket is not None:
             self.observers[ctx.bucket].update(x)
+            if self.stats is not None:
+                self.stats.update(x, ctx.bucket)
             return
         b = self._expand_buckets(ctx.buckets, x)
         for k in torch.unique(b).tolist():
             self.observers[k].update(x[b == k])
+            if self.stats is not None:
+                self.stats.update(x[b == k], k)
 
     def extra_repr(self) -> str:
         bits = sorted({int(b) for b in self.bits})

@@ -441,8 +441,14 @@ def _backend_markdown(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _outliers_markdown(report: dict[str, Any]) -> list[str]:
+    section = report.get("outliers")
+    return [section["markdown"], ""] if section else []
+
+
 MARKDOWN_SECTIONS: list[Callable[[dict[str, Any]], list[str]]] = [
     _backend_markdown,
+    _outliers_markdown,
     _noise_floor_markdown,
     _data_markdown,
     _conditioning_markdown,

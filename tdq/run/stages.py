@@ -44,6 +44,8 @@ from tdq.eval.reference import (
     reference_spec,
     state_dict_fingerprint,
 )
+from tdq.outliers import report_section as outlier_report_section
+from tdq.outliers import reset_runtime_counters
 from tdq.quant.backends import backend_report, record_call
 from tdq.run.context import RunContext
 from tdq.run.models import load_model
@@ -300,6 +302,7 @@ def calibrate(ctx: RunContext) -> None:
         with tdq.calibration(ctx.model.denoiser), record_call(ctx.model.denoiser) as example_call:
             ctx.sampler(ctx.cfg.calibration, trajectory=False)(ctx.calib_seeds, desc="calibration")
         ctx.dist.sync_buffers(ctx.model.denoiser)
+        reset_runtime_counters(ctx.model.denoiser)  # count run-time range violations of the evaluation only
     ctx.example_call = example_call
 
 
@@ -315,6 +318,9 @@ def sample(ctx: RunContext) -> None:
     """Quantized samples of the evaluation seeds and their features."""
     with ctx.timer("quant_sampling"):
         ctx.q = ctx.dist.sample(ctx.sampler(ctx.cfg.eval), ctx.eval_seeds, desc="quantized")
+    outliers = outlier_report_section(ctx.model.denoiser)  # diagnosis + run-time counters of this sampling
+    if outliers is not None:
+        ctx.sections["outliers"] = outliers
     with ctx.timer("quant_features"):
         ctx.q_feats = {
             key: ctx.dist.extract_features(

@@ -6,7 +6,7 @@ from torch import nn
 
 import tdq
 from tdq.config import ConfigError, QuantSpec, TDQConfig, WeightRounding
-from tdq.quant.modules import QuantLinear
+from tdq.quant.modules import QuantConv2d, QuantLinear
 from tdq.quant.quantizers import TimestepContext
 from tdq.rounding import (
     apply_weight_rounding,
@@ -18,6 +18,15 @@ from tdq.rounding import (
 )
 from tdq.state import load_quant_state, save_quant_state
 from tdq.testing import denoiser_inputs, output_tensor, tiny_unet2d
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # two-thread OpenMP is many times slower on a machine shared with other jobs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -174,3 +183,74 @@ def test_weight_rounding_validation_names_the_field(field, value, match):
         TDQConfig.from_dict({"weight_rounding": {"methd": "gptq"}})
     cfg = TDQConfig.from_dict({"weight_rounding": {"method": "gptq", "corrections": ["bias"]}})
     assert TDQConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_bias_correction_zeroes_mean_error_per_bucket(kind):
+    from tdq.rounding.calib_stats import LayerStats
+    from tdq.rounding.corrections import fit_bias_correction_
+
+    torch.manual_seed(0)
+    ctx = TimestepContext(3)
+    wspec, aspec = QuantSpec(bits=3, granularity="per_channel"), QuantSpec(bits=8, symmetric=False)
+    if kind == "linear":
+        layer = QuantLinear.from_float(nn.Linear(16, 8), "l", wspec, aspec, ctx)
+        xs = [torch.randn(32, 16) + k for k in range(3)]
+    else:
+        layer = QuantConv2d.from_float(nn.Conv2d(3, 4, 3, padding=1), "c", wspec, aspec, ctx)
+        xs = [torch.randn(4, 3, 6, 6) + k for k in range(3)]
+    model = nn.Sequential(layer)
+    w_fp = layer.weight.detach().clone()
+    rows = [layer_input_rows(layer, x).double() for x in xs]
+    d = rows[0].shape[1]
+    st = LayerStats(
+        hessian=sum(r.T @ r for r in rows),
+        count=sum(r.shape[0] for r in rows),
+        bucket_sum=torch.stack([r.sum(0) for r in rows]),
+        bucket_count=torch.tensor([r.shape[0] for r in rows]),
+    )
+    assert st.hessian.shape == (d, d)
+    layer.act_quantizer.mode = "off"  # weight error only: the inputs are the FP model's
+    ctx.active = True
+
+    def mean_err(k):
+        ctx.set(bucket=k)
+        with torch.no_grad():
+            y_q = layer(xs[k])
+            ctx.active = False
+            y_fp = layer(xs[k])
+            ctx.active = True
+        dims = [0] if kind == "linear" else [0, 2, 3]
+        return (y_q - y_fp).mean(dims)
+
+    before = [mean_err(k).abs().max() for k in range(3)]
+    fit_bias_correction_(model, {"0": st}, {"0": w_fp})
+    assert layer.bucket_bias.shape == (3, layer.weight.shape[0])
+    for k in range(3):
+        assert before[k] > 1e-3
+        assert mean_err(k).abs().max() < 1e-5
+    # per-sample buckets take each sample's own bias
+    ctx.set(buckets=torch.tensor([0, 2]))
+    x = torch.cat([xs[0][:1], xs[2][:1]])
+    with torch.no_grad():
+        y = layer(x)
+    ctx.set(bucket=0)
+    with torch.no_grad():
+        y0 = layer(x[:1])
+    assert torch.allclose(y[:1], y0, atol=1e-6)
+
+
+def test_ptqd_output_correction_removes_gain_and_bias_on_calibration_data():
+    from tdq.rounding.corrections import fit_output_correction
+
+    cfg = TDQConfig(weight=QuantSpec(bits=3, granularity="per_channel"), grid=tdq.TimestepGrid(num_buckets=4))
+    model = tdq.quantize_(tiny_unet2d(), cfg)
+    run = _run(model, seeds=(0,))
+    tdq.calibrate(model, run)
+    fp_weights = {n: m.weight.detach().clone() for n, m in tdq.iter_quant_layers(model)}
+    corr, rep = fit_output_correction(model, run, fp_weights, min_gain=0.01)
+    assert any(abs(g - 1) > 1e-3 for g in rep["gain"])
+    _, again = fit_output_correction(model, run, fp_weights, min_gain=0.01)
+    assert all(abs(g - 1) < 1e-4 for g in again["gain"]), again["gain"]
+    assert all(b < 1e-5 for b in again["mean_abs_bias"]), again["mean_abs_bias"]
+    corr.remove()

@@ -21,13 +21,10 @@ from tdq.config import WeightRounding
 from tdq.quantize import calibrate, get_state, iter_quant_layers
 from tdq.rounding.calib_stats import LayerStats, collect_layer_stats, supports_stats
 from tdq.rounding.clipping import search_clipping_
+from tdq.rounding.corrections import fit_bias_correction_, fit_output_correction
 from tdq.rounding.gptq import gptq_layer_
 
 logger = logging.getLogger(__name__)
-
-
-def _needs_stats(spec: WeightRounding) -> bool:
-    return spec.method in ("mse", "gptq") or spec.clip == "output_mse" or "bias" in spec.corrections
 
 
 def apply_weight_rounding(
@@ -53,7 +50,8 @@ def apply_weight_rounding(
 
     Returns:
         `dict`: `method`, `clip`, `seconds`, and per layer (`layers`) the rounding that ran and its relative
-        output error on the calibration inputs.
+        output error on the calibration inputs; with `spec.corrections`, also `bias_correction_max_abs` (per
+        layer, when `"bias"` is asked) and `_fp_weights` (the weights before rounding, for the PTQD fit).
     """
     state = get_state(model)
     spec = spec or state.config.weight_rounding
@@ -62,7 +60,7 @@ def apply_weight_rounding(
     clip = spec.clip
     if spec.method == "mse" and clip == "observer":
         clip = "output_mse"
-    need = spec.method == "gptq" or clip == "output_mse"
+    need = spec.method == "gptq" or clip == "output_mse" or "bias" in spec.corrections
     if need and stats is None:
         if run is None:
             raise ValueError(
@@ -70,6 +68,9 @@ def apply_weight_rounding(
             )
         stats = collect_layer_stats(model, run)
     t_stats = time.perf_counter() - t0
+    fp_weights = (
+        {n: m.weight.detach().clone() for n, m in iter_quant_layers(model)} if spec.corrections else None
+    )
     layers: dict[str, Any] = {}
     for name, m in iter_quant_layers(model):
         entry: dict[str, Any] = {"weight_bits": int(m.weight_quantizer.bits)}
@@ -107,7 +108,13 @@ def apply_weight_rounding(
     counts: dict[str, int] = {}
     for e in layers.values():
         counts[e["method"]] = counts.get(e["method"], 0) + 1
+    extra: dict[str, Any] = {}
+    if "bias" in spec.corrections:
+        extra["bias_correction_max_abs"] = fit_bias_correction_(model, stats, fp_weights)
+    if fp_weights is not None:
+        extra["_fp_weights"] = fp_weights
     return {
+        **extra,
         "method": spec.method,
         "clip": clip,
         "act_order": spec.act_order,
@@ -131,13 +138,22 @@ def calibrate_with_rounding(
         spec (`WeightRounding`, *optional*): defaults to the model config's `weight_rounding`.
         seed (`int`, *optional*, defaults to `0`): observer seed.
 
+    Corrections in `spec.corrections`: `"bias"` is fitted with the rounding (FP-model statistics), `"ptqd"` after
+    activation calibration on a further run of the quantized sampler (see `tdq.rounding.corrections`).
+
     Returns:
-        `dict`: the rounding report, plus `filled_buckets` from calibration and `seconds_total`.
+        `dict`: the rounding report, plus `filled_buckets` from calibration, `ptqd` (if fitted) and
+        `seconds_total`.
     """
     t0 = time.perf_counter()
     state = get_state(model)
     spec = spec or state.config.weight_rounding
     report = apply_weight_rounding(model, run, spec)
+    fp_weights = report.pop("_fp_weights", None)
     report["filled_buckets"] = calibrate(model, run, seed=seed)
+    if "ptqd" in spec.corrections:
+        t1 = time.perf_counter()
+        _, report["ptqd"] = fit_output_correction(model, run, fp_weights)
+        report["ptqd"]["seconds"] = round(time.perf_counter() - t1, 3)
     report["seconds_total"] = round(time.perf_counter() - t0, 3)
     return report

@@ -30,21 +30,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tdq, not another install's
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# name -> (weight bits, act bits, weight observer, rounding method, clip, act_order)
+# name -> (weight bits, act bits, weight observer, rounding method, clip, act_order, corrections)
 ROWS = {
-    "w8a8-nearest": (8, 8, "minmax", "nearest", "observer", False),
-    "w4a8-nearest-minmax": (4, 8, "minmax", "nearest", "observer", False),
-    "w4a8-nearest": (4, 8, "mse", "nearest", "observer", False),
-    "w4a8-mse": (4, 8, "minmax", "mse", "observer", False),
-    "w4a8-gptq": (4, 8, "mse", "gptq", "observer", False),
-    "w4a8-gptq-actorder": (4, 8, "mse", "gptq", "observer", True),
-    "w4a8-gptq-minmax": (4, 8, "minmax", "gptq", "observer", False),
-    "w4a16-nearest": (4, 16, "mse", "nearest", "observer", False),
-    "w4a16-gptq": (4, 16, "mse", "gptq", "observer", False),
-    "w3a8-nearest": (3, 8, "mse", "nearest", "observer", False),
-    "w3a8-gptq": (3, 8, "mse", "gptq", "observer", False),
-    "w4a6-nearest": (4, 6, "mse", "nearest", "observer", False),
-    "w4a6-gptq": (4, 6, "mse", "gptq", "observer", False),
+    "w8a8-nearest": (8, 8, "minmax", "nearest", "observer", False, []),
+    "w4a8-nearest-minmax": (4, 8, "minmax", "nearest", "observer", False, []),
+    "w4a8-nearest": (4, 8, "mse", "nearest", "observer", False, []),
+    "w4a8-nearest-bias": (4, 8, "mse", "nearest", "observer", False, ["bias"]),
+    "w4a8-nearest-ptqd": (4, 8, "mse", "nearest", "observer", False, ["ptqd"]),
+    "w4a8-mse": (4, 8, "minmax", "mse", "observer", False, []),
+    "w4a8-gptq": (4, 8, "mse", "gptq", "observer", False, []),
+    "w4a8-gptq-bias": (4, 8, "mse", "gptq", "observer", False, ["bias"]),
+    "w4a8-gptq-ptqd": (4, 8, "mse", "gptq", "observer", False, ["ptqd"]),
+    "w4a8-gptq-actorder": (4, 8, "mse", "gptq", "observer", True, []),
+    "w4a8-gptq-minmax": (4, 8, "minmax", "gptq", "observer", False, []),
+    "w4a8-gptq-outmse": (4, 8, "minmax", "gptq", "output_mse", False, []),
+    "w4a16-nearest": (4, 16, "mse", "nearest", "observer", False, []),
+    "w4a16-gptq": (4, 16, "mse", "gptq", "observer", False, []),
+    "w3a8-nearest": (3, 8, "mse", "nearest", "observer", False, []),
+    "w3a8-gptq": (3, 8, "mse", "gptq", "observer", False, []),
+    "w4a6-nearest": (4, 6, "mse", "nearest", "observer", False, []),
+    "w4a6-gptq": (4, 6, "mse", "gptq", "observer", False, []),
 }
 DEFAULT_ORDER = [
     "w4a8-nearest",
@@ -55,7 +60,12 @@ DEFAULT_ORDER = [
     "w4a8-mse",
     "w4a8-gptq-actorder",
     "w4a8-gptq-minmax",
+    "w4a8-gptq-outmse",
     "w4a8-nearest-minmax",
+    "w4a8-nearest-bias",
+    "w4a8-nearest-ptqd",
+    "w4a8-gptq-bias",
+    "w4a8-gptq-ptqd",
     "w3a8-nearest",
     "w3a8-gptq",
     "w4a6-nearest",
@@ -153,6 +163,7 @@ def main() -> None:
     )
     from tdq.models import ModelConfig, load_model
     from tdq.rounding import apply_weight_rounding, collect_layer_stats
+    from tdq.rounding.corrections import fit_output_correction
     from tdq.sampling import make_sampler, make_scheduler
 
     stem = args.out or ("lowbit" if args.model == "mnist-ddpm" else f"lowbit_{args.model}")
@@ -223,7 +234,10 @@ def main() -> None:
     def grid():
         return TimestepGrid(num_buckets=args.buckets)
 
-    stats_file = cache / "stats.safetensors"
+    # statistics depend on the calibration run only, not on the evaluation seeds
+    stats_file = (
+        Path(args.cache) / f"{args.model}_s{args.steps}_c{args.calib_seeds}_k{args.buckets}_stats.safetensors"
+    )
     stats = None
 
     def get_stats():
@@ -247,23 +261,31 @@ def main() -> None:
         if name in result["rows"]:
             print(f"{name}: done (resume)", flush=True)
             continue
-        wb, ab, obs, method, clip, act_order = ROWS[name]
+        wb, ab, obs, method, clip, act_order, corrections = ROWS[name]
         cfg = TDQConfig(
             weight=QuantSpec(bits=wb, granularity="per_channel", symmetric=True, observer=obs),
             activation=QuantSpec(bits=ab, granularity="per_tensor", symmetric=False, observer="minmax"),
             grid=grid(),
-            weight_rounding=WeightRounding(method=method, clip=clip, act_order=act_order),
+            weight_rounding=WeightRounding(
+                method=method, clip=clip, act_order=act_order, corrections=list(corrections)
+            ),
         )
         mm = fresh()
         d = tdq.quantize_(mm.denoiser, cfg, num_train_timesteps=mm.num_train_timesteps)
-        need = method != "nearest" or clip != "observer"
+        need = method != "nearest" or clip != "observer" or "bias" in corrections
         st = get_stats() if need else None
         t0 = time.perf_counter()
         rep = apply_weight_rounding(d, stats=st)
+        fp_weights = rep.pop("_fp_weights", None)
         t_round = time.perf_counter() - t0
         t0 = time.perf_counter()
         tdq.calibrate(d, lambda mm=mm: sampler(mm)(calib_seeds))
         t_cal = time.perf_counter() - t0
+        ptqd = None
+        if "ptqd" in corrections:
+            t0 = time.perf_counter()
+            _, ptqd = fit_output_correction(d, lambda mm=mm: sampler(mm)(calib_seeds), fp_weights)
+            ptqd["seconds"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         q = sampler(mm)(eval_seeds).images
         t_sample = time.perf_counter() - t0
@@ -276,6 +298,7 @@ def main() -> None:
             "rounding": method,
             "clip": rep["clip"],
             "act_order": act_order,
+            "corrections": list(corrections),
             "psnr": float(psnr.mean()),
             "psnr_ci95": bootstrap_ci(psnr),
             "lpips_alex": float(lpips.mean()),
@@ -286,6 +309,8 @@ def main() -> None:
             "methods_count": rep["methods_count"],
             "layer_methods": {k: v["method"] for k, v in rep["layers"].items()},
         }
+        if ptqd is not None:
+            row["ptqd"] = ptqd
         if inception is not None:
             row["fid_to_fp"] = fid_from_features(fp_feat, extract_features(q, inception))
         result["rows"][name] = row
@@ -320,6 +345,7 @@ def write_markdown(result: dict, path: Path) -> None:
     ]
     for name, r in result["rows"].items():
         ro = r["rounding"] + ("+act_order" if r["act_order"] else "")
+        ro += "".join(f" + {c}" for c in r.get("corrections", []))
         lines.append(
             f"| {name} | {r['weight_bits']} | {r['act_bits']} | {ro} | {r['clip']} | {r['psnr']:.2f} "
             f"({r['psnr_ci95'][0]:.2f}–{r['psnr_ci95'][1]:.2f}) | {r['lpips_alex']:.4f} | {_f(r.get('fid_to_fp'))} "

@@ -171,9 +171,9 @@ def main() -> None:
         lpips_distance,
         psnr_per_image,
     )
-    from tdq.models import ModelConfig, load_model
     from tdq.rounding import apply_weight_rounding, collect_layer_stats
     from tdq.rounding.corrections import fit_output_correction
+    from tdq.run.models import ModelConfig, load_model
     from tdq.sampling import make_sampler, make_scheduler
 
     stem = args.out or ("lowbit" if args.model == "mnist-ddpm" else f"lowbit_{args.model}")

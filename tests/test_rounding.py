@@ -16,7 +16,7 @@ from tdq.rounding import (
     layer_input_rows,
     search_clipping_,
 )
-from tdq.state import load_quant_state, save_quant_state
+from tdq.serialization import load_quantization, save_quantization
 from tdq.testing import denoiser_inputs, output_tensor, tiny_unet2d
 
 
@@ -149,8 +149,8 @@ def test_gptq_model_saves_and_reloads_bit_exact(tmp_path):
         moved += int(not torch.equal(m.weight_quantizer(w_fp[name]), w))
     assert moved > 0  # GPTQ codes differ from round-to-nearest codes
     out = output_tensor(model(**denoiser_inputs(model, t=333.0)))
-    directory = save_quant_state(model, tmp_path / "state")
-    fresh = load_quant_state(tiny_unet2d(), directory)
+    directory = save_quantization(model, tmp_path / "state")
+    fresh = load_quantization(tiny_unet2d(), directory)
     for (name, a), (_, b) in zip(tdq.iter_quant_layers(model), tdq.iter_quant_layers(fresh), strict=True):
         assert torch.equal(a.weight, b.weight), name
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Weight rounding beyond round-to-nearest: clipping search and GPTQ (and output corrections), per layer.
 
-Sits above `tdq.quant` and `tdq.quantize` and below mixed precision and sampling. Every method leaves a layer's
+Sits above `tdq.quant` and `tdq.api` and below mixed precision and sampling. Every method leaves a layer's
 weight on its `WeightQuantizer` grid (or leaves rounding to the quantizer), so saved states and integer backends
 see ordinary integer codes.
 """

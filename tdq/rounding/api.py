@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from tdq.api import calibrate, get_quantization, iter_quant_layers
 from tdq.config import WeightRounding
-from tdq.quantize import calibrate, get_state, iter_quant_layers
 from tdq.rounding.calib_stats import LayerStats, collect_layer_stats, supports_stats
 from tdq.rounding.clipping import search_clipping_
 from tdq.rounding.corrections import fit_bias_correction_, fit_output_correction
@@ -53,7 +53,7 @@ def apply_weight_rounding(
         output error on the calibration inputs; with `spec.corrections`, also `bias_correction_max_abs` (per
         layer, when `"bias"` is asked) and `_fp_weights` (the weights before rounding, for the PTQD fit).
     """
-    state = get_state(model)
+    state = get_quantization(model)
     spec = spec or state.config.weight_rounding
     spec.validate("weight_rounding")
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def calibrate_with_rounding(
         `seconds_total`.
     """
     t0 = time.perf_counter()
-    state = get_state(model)
+    state = get_quantization(model)
     spec = spec or state.config.weight_rounding
     report = apply_weight_rounding(model, run, spec)
     fp_weights = report.pop("_fp_weights", None)

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from tdq.api import disabled, get_quantization, iter_quant_layers
 from tdq.hooks import TimestepHook
 from tdq.quant.modules import QuantConv2d, QuantLinear
 from tdq.quant.quantizers import TimestepContext
-from tdq.quantize import disabled, get_state, iter_quant_layers
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def collect_layer_stats(
     Returns:
         `dict[str, LayerStats]`: per layer name.
     """
-    state = get_state(model)
+    state = get_quantization(model)
     mods = dict(iter_quant_layers(model))
     names = [n for n in (layers or list(mods)) if supports_stats(mods[n])]
     k = state.grid.num_buckets
@@ -148,8 +148,10 @@ def collect_layer_stats(
         handles.append(mods[n].register_forward_pre_hook(make_hook(n, mods[n])))
 
     def count_call(mod, args, kwargs):
-        if ctx.bucket is not None:
-            calls[ctx.bucket] += 1
+        # own mapping: a diffusers ModelHook (the TimestepHook) may run after torch pre-hooks
+        bucket, buckets = hook.bucket_of(state.adapter.read(args, kwargs, type(mod).__name__))
+        if bucket is not None:
+            calls[bucket] += 1
         return None
 
     with disabled(model):

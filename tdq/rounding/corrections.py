@@ -9,7 +9,7 @@
   correlated part out and removes the mean bias: `eps = (eps_q - b_k) / (1 + k_k)`.
 
 Both run only while the model's timestep hook is active (quantized mode); `tdq.disabled(model)` is unaffected.
-Neither is written by `tdq.state.save_quant_state` yet: a reloaded model runs without them.
+Neither is written by `tdq.serialization.save_quantization` yet: a reloaded model runs without them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tdq.quantize import get_state, iter_quant_layers
+from tdq.api import get_quantization, iter_quant_layers
 from tdq.rounding.calib_stats import LayerStats
 
 
@@ -90,7 +90,7 @@ class OutputCorrection:
     """
 
     def __init__(self, model: nn.Module, gain: torch.Tensor, bias: torch.Tensor):
-        self.context = get_state(model).context
+        self.context = get_quantization(model).context
         self.gain = gain
         self.bias = bias
         self._handle = model.register_forward_hook(self._hook)
@@ -142,7 +142,7 @@ def fit_output_correction(
     Returns:
         `(OutputCorrection, dict)`: the installed correction and per bucket `gain`, mean `|bias|`, calls.
     """
-    state = get_state(model)
+    state = get_quantization(model)
     ctx = state.context
     kk = state.grid.num_buckets
     layers = dict(iter_quant_layers(model))

@@ -158,7 +158,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="result stem (default lowbit / lowbit_<model>)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "tdq" / "lowbit"))
     ap.add_argument("--no-fid", action="store_true")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the JSON and exit")
     args = ap.parse_args()
+    if args.markdown_only:
+        stem = args.out or ("lowbit" if args.model == "mnist-ddpm" else f"lowbit_{args.model}")
+        write_markdown(json.loads((RESULTS / f"{stem}.json").read_text()), RESULTS / f"{stem}.md")
+        return
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -349,15 +354,16 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{_f(result.get('noise_floor_fid_fp_vs_fp'))}; PSNR FP vs FP other seeds = "
         f"{_f(result.get('noise_floor_psnr_fp_vs_fp_other_seeds'))} dB.",
         "",
-        "| row | W | A | rounding | clip | PSNR to FP [dB] (95% CI) | LPIPS alex | FID to FP | rounding s | "
+        "| row | W | A | rounding | weight range | PSNR to FP [dB] (95% CI) | LPIPS alex | FID to FP | rounding s | "
         "act. calib s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["rows"].items():
         ro = r["rounding"] + ("+act_order" if r["act_order"] else "")
         ro += "".join(f" + {c}" for c in r.get("corrections", []))
+        clip = r["clip"] if r["clip"] != "observer" else f"{r['weight_observer']} observer"
         lines.append(
-            f"| {name} | {r['weight_bits']} | {r['act_bits']} | {ro} | {r['clip']} | {r['psnr']:.2f} "
+            f"| {name} | {r['weight_bits']} | {r['act_bits']} | {ro} | {clip} | {r['psnr']:.2f} "
             f"({r['psnr_ci95'][0]:.2f}–{r['psnr_ci95'][1]:.2f}) | {r['lpips_alex']:.4f} | {_f(r.get('fid_to_fp'))} "
             f"| {r['rounding_s']} | {r['activation_calibration_s']} |"
         )

@@ -301,7 +301,9 @@ def calibrate(ctx: RunContext) -> None:
     def run():
         ctx.sampler(ctx.cfg.calibration, trajectory=False)(ctx.calib_seeds, desc="calibration")
 
-    with ctx.timer("calibrate"):  # weight rounding by quant.weight_rounding (FP-model statistics), then activations
+    with ctx.timer(
+        "calibrate"
+    ):  # weight rounding by quant.weight_rounding (FP-model statistics), then activations
         with record_call(ctx.model.denoiser) as example_call:
             rounding = calibrate_with_rounding(ctx.model.denoiser, run)
         ctx.dist.sync_buffers(ctx.model.denoiser)

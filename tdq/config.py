@@ -22,6 +22,10 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 ROUNDINGS = ("nearest", "stochastic")
 OBSERVERS = ("minmax", "percentile", "mse")
 
+WEIGHT_ROUNDING_METHODS = ("nearest", "mse", "gptq")
+WEIGHT_CLIPS = ("observer", "weight_mse", "output_mse")
+CORRECTIONS = ("bias", "ptqd")
+
 WEIGHT_BITS = tuple(range(2, 9))
 ACT_BITS = tuple(range(2, 17))
 
@@ -93,6 +97,69 @@ def _default_act_spec() -> QuantSpec:
 
 
 @dataclass
+class WeightRounding:
+    r"""
+    How weights are rounded onto their quantization grid and which output corrections are fitted (`tdq.rounding`).
+
+    Every method leaves the layer's weight on the grid of its `WeightQuantizer` (the weight becomes the dequantized
+    codes), so round-to-nearest in the forward pass, saved states and integer backends reproduce the codes exactly.
+
+    Args:
+        method (`str`, *optional*, defaults to `"nearest"`):
+            `"nearest"` (round to nearest with the observer's range), `"mse"` (per-row clipping search that
+            minimises the layer's output error on calibration inputs, then round to nearest) or `"gptq"`
+            (second-order column-by-column rounding with each layer's input Hessian from the FP model's
+            calibration run through the real sampler).
+        clip (`str`, *optional*, defaults to `"observer"`):
+            Range used by the rounding: `"observer"` (the weight spec's observer), `"weight_mse"` (per-row weight
+            MSE search) or `"output_mse"` (per-row output-error search on calibration inputs). `method="mse"` with
+            `clip="observer"` searches `"output_mse"`.
+        damp (`float`, *optional*, defaults to `0.01`): GPTQ damping, as a fraction of the mean Hessian diagonal.
+        act_order (`bool`, *optional*, defaults to `False`): GPTQ: quantize columns in order of decreasing
+            Hessian diagonal.
+        block_size (`int`, *optional*, defaults to `128`): GPTQ: columns per lazy-update block.
+        corrections (`list[str]`, *optional*, defaults to `[]`): output corrections fitted after calibration:
+            `"bias"` (per layer, per timestep bucket: remove the mean output error) and `"ptqd"` (at the model
+            output, per bucket: divide out the part of the quantization noise correlated with the output and
+            remove its mean).
+    """
+
+    method: str = "nearest"
+    clip: str = "observer"
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    corrections: list[str] = field(default_factory=list)
+
+    def validate(self, field_name: str = "weight_rounding") -> None:
+        """Raise `ConfigError` naming the field if a value is unsupported."""
+        if self.method not in WEIGHT_ROUNDING_METHODS:
+            raise ConfigError(
+                f"{field_name}.method={self.method!r} is unknown; choose one of {list(WEIGHT_ROUNDING_METHODS)}"
+            )
+        if self.clip not in WEIGHT_CLIPS:
+            raise ConfigError(
+                f"{field_name}.clip={self.clip!r} is unknown; choose one of {list(WEIGHT_CLIPS)}"
+            )
+        if not (isinstance(self.damp, int | float) and 0.0 < float(self.damp) <= 1.0):
+            raise ConfigError(f"{field_name}.damp={self.damp!r} must be a number in (0, 1]")
+        if int(self.block_size) != self.block_size or self.block_size < 1:
+            raise ConfigError(f"{field_name}.block_size={self.block_size!r} must be a positive integer")
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"{field_name}.act_order={self.act_order!r} must be true or false")
+        bad = [c for c in self.corrections if c not in CORRECTIONS]
+        if bad:
+            raise ConfigError(
+                f"{field_name}.corrections has unknown entry {bad[0]!r}; choose from {list(CORRECTIONS)}"
+            )
+
+    @property
+    def active(self) -> bool:
+        """Whether anything beyond round-to-nearest with the observer's range is asked for."""
+        return self.method != "nearest" or self.clip != "observer" or bool(self.corrections)
+
+
+@dataclass
 class LayerOverride:
     r"""
     Per-layer changes to the global specs; `None` fields keep the global value.
@@ -151,6 +218,8 @@ class TDQConfig:
             the output as they would in floating point.
         outliers (`OutlierConfig`, *optional*): activation-outlier diagnosis and handling after calibration
             (on by default).
+        weight_rounding (`WeightRounding`, *optional*): rounding method and output corrections (`tdq.rounding`);
+            defaults to round-to-nearest without corrections.
         version (`int`, *optional*): schema version of this config.
 
     Every `include`, `exclude` and `overrides` pattern must match at least one quantizable layer of the model
@@ -165,6 +234,7 @@ class TDQConfig:
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     check_finite: bool = False
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
+    weight_rounding: WeightRounding = field(default_factory=WeightRounding)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -175,6 +245,12 @@ class TDQConfig:
             self.activation = _spec_from_dict(self.activation, "activation")
         if isinstance(self.grid, dict):
             self.grid = _dataclass_from_dict(TimestepGrid, self.grid, "grid")
+        if isinstance(self.weight_rounding, dict):
+            self.weight_rounding = _dataclass_from_dict(
+                WeightRounding, self.weight_rounding, "weight_rounding"
+            )
+        if isinstance(self.weight_rounding, WeightRounding):
+            self.weight_rounding.corrections = list(self.weight_rounding.corrections)
         if isinstance(self.outliers, dict):
             self.outliers = _dataclass_from_dict(OutlierConfig, self.outliers, "outliers")
         # A string is not split into characters: `validate` names the field instead.
@@ -231,6 +307,11 @@ class TDQConfig:
             ov.validate(f"overrides[{key!r}]")
         check_bool(self.check_finite, "check_finite")
         self.outliers.validate("outliers")
+        if not isinstance(self.weight_rounding, WeightRounding):
+            raise ConfigError(
+                f"weight_rounding must be a WeightRounding or a mapping, got {type(self.weight_rounding).__name__}"
+            )
+        self.weight_rounding.validate("weight_rounding")
         for pattern in [*self.include, *self.exclude, *self.overrides]:
             if pattern.startswith("re:"):
                 try:

@@ -37,7 +37,8 @@ SMALL = [
 @pytest.mark.timeout(600)
 def test_tdq_run_cli_writes_run_dir(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tdq", "run", *SMALL, f"hydra.run.dir={run_dir}"]
+    gptq = "quant.weight_rounding.method=gptq"
+    cmd = [sys.executable, "-m", "tdq", "run", *SMALL, gptq, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in EXPECTED:
@@ -49,6 +50,8 @@ def test_tdq_run_cli_writes_run_dir(tmp_path):
     avg = report["schedule"]["average_bits"]
     assert avg["act"] <= 6.0 + 1e-9 and avg["weight"] <= 6.0 + 1e-9
     assert report["schedule"]["objective"] >= report["schedule"]["objective_uniform_8bit"]
+    assert report["weight_rounding"]["method"] == "gptq"
+    assert report["weight_rounding"]["methods_count"].get("gptq", 0) > 0  # per layer: which rounding ran
     for key in ("psnr", "ssim", "lpips_alex", "fid", "kid_mean"):
         assert key in report, key
     sched = json.loads((run_dir / "schedule.json").read_text())

@@ -298,12 +298,20 @@ def quantize(ctx: RunContext) -> None:
 
 def calibrate(ctx: RunContext) -> None:
     """Calibrate through the real calibration sampler; the main process's quantizer buffers are synchronized."""
-    with ctx.timer("calibrate"):
-        with tdq.calibration(ctx.model.denoiser), record_call(ctx.model.denoiser) as example_call:
-            ctx.sampler(ctx.cfg.calibration, trajectory=False)(ctx.calib_seeds, desc="calibration")
+    from tdq.rounding import calibrate_with_rounding
+
+    def run():
+        ctx.sampler(ctx.cfg.calibration, trajectory=False)(ctx.calib_seeds, desc="calibration")
+
+    with ctx.timer(
+        "calibrate"
+    ):  # weight rounding by quant.weight_rounding (FP-model statistics), then activations
+        with record_call(ctx.model.denoiser) as example_call:
+            rounding = calibrate_with_rounding(ctx.model.denoiser, run)
         ctx.dist.sync_buffers(ctx.model.denoiser)
         reset_runtime_counters(ctx.model.denoiser)  # count run-time range violations of the evaluation only
     ctx.example_call = example_call
+    ctx.sections["weight_rounding"] = {k: v for k, v in rounding.items() if k != "filled_buckets"}
 
 
 def backend(ctx: RunContext) -> None:

@@ -1,0 +1,387 @@
+"""Low-bit weights on a bundled model: round-to-nearest vs clipping search vs GPTQ (tdq.rounding), per bit-width.
+
+Every row quantizes every Conv/Linear of the denoiser, rounds its weights by the row's method, calibrates the
+timestep-aware activation scales on the same calibration seeds, samples the same evaluation seeds (DDIM), and
+compares with the FP model's samples of those seeds: PSNR (mean, 95% bootstrap CI over images), LPIPS (alex), and
+FID-to-FP (Inception pool3) beside the noise floor (FID between FP samples of the eval seeds and of other seeds).
+The layer input statistics (GPTQ Hessians, from the FP model through the real sampler on the calibration seeds)
+are collected once and shared by every row; their collection time is reported separately.
+
+Rows are written to the JSON as they finish; a rerun with the same settings skips finished rows (resume).
+
+Usage::
+
+    python experiments/lowbit.py                         # mnist-ddpm, 64 seeds, all rows
+    python experiments/lowbit.py --rows w4a8-nearest,w4a8-gptq --seeds 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tdq, not another install's
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> (weight bits, act bits, weight observer, rounding method, clip, act_order, corrections)
+ROWS = {
+    "w8a8-nearest": (8, 8, "minmax", "nearest", "observer", False, []),
+    "w4a8-nearest-minmax": (4, 8, "minmax", "nearest", "observer", False, []),
+    "w4a8-nearest": (4, 8, "mse", "nearest", "observer", False, []),
+    "w4a8-nearest-bias": (4, 8, "mse", "nearest", "observer", False, ["bias"]),
+    "w4a8-nearest-ptqd": (4, 8, "mse", "nearest", "observer", False, ["ptqd"]),
+    "w4a8-mse": (4, 8, "minmax", "mse", "observer", False, []),
+    "w4a8-gptq": (4, 8, "mse", "gptq", "observer", False, []),
+    "w4a8-gptq-bias": (4, 8, "mse", "gptq", "observer", False, ["bias"]),
+    "w4a8-gptq-ptqd": (4, 8, "mse", "gptq", "observer", False, ["ptqd"]),
+    "w4a8-gptq-actorder": (4, 8, "mse", "gptq", "observer", True, []),
+    "w4a8-gptq-actorder-bias": (4, 8, "mse", "gptq", "observer", True, ["bias"]),
+    "w4a8-gptq-actorder-ptqd": (4, 8, "mse", "gptq", "observer", True, ["ptqd"]),
+    "w4a8-gptq-minmax": (4, 8, "minmax", "gptq", "observer", False, []),
+    "w4a8-gptq-outmse": (4, 8, "minmax", "gptq", "output_mse", False, []),
+    "w4a16-nearest": (4, 16, "mse", "nearest", "observer", False, []),
+    "w4a16-gptq": (4, 16, "mse", "gptq", "observer", False, []),
+    "w4a16-gptq-actorder": (4, 16, "mse", "gptq", "observer", True, []),
+    "w3a8-nearest": (3, 8, "mse", "nearest", "observer", False, []),
+    "w3a8-gptq": (3, 8, "mse", "gptq", "observer", False, []),
+    "w4a6-nearest": (4, 6, "mse", "nearest", "observer", False, []),
+    "w4a6-gptq": (4, 6, "mse", "gptq", "observer", False, []),
+    "w3a8-gptq-actorder": (3, 8, "mse", "gptq", "observer", True, []),
+    "w4a6-gptq-actorder": (4, 6, "mse", "gptq", "observer", True, []),
+}
+DEFAULT_ORDER = [
+    "w4a8-nearest",
+    "w4a8-gptq",
+    "w4a16-gptq",
+    "w8a8-nearest",
+    "w4a16-nearest",
+    "w4a8-mse",
+    "w4a8-gptq-actorder",
+    "w4a8-gptq-minmax",
+    "w4a8-nearest-minmax",
+    "w3a8-nearest",
+    "w3a8-gptq",
+    "w4a6-nearest",
+    "w4a6-gptq",
+    "w4a16-gptq-actorder",
+    "w4a8-gptq-actorder-ptqd",
+    "w4a8-gptq-actorder-bias",
+    "w4a8-nearest-bias",
+    "w4a8-nearest-ptqd",
+    "w3a8-gptq-actorder",
+    "w4a6-gptq-actorder",
+    "w4a8-gptq-outmse",
+    "w4a8-gptq-bias",
+    "w4a8-gptq-ptqd",
+]
+
+
+def bootstrap_ci(values: torch.Tensor, n: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap CI of the mean."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, values.numel(), (n, values.numel()), generator=g)
+    means = values.double()[idx].mean(1)
+    return [float(torch.quantile(means, 0.025)), float(torch.quantile(means, 0.975))]
+
+
+def env_info() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import diffusers
+
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def save_stats(stats, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {}
+    for name, st in stats.items():
+        tensors[f"{name}.hessian"] = st.hessian
+        tensors[f"{name}.bucket_sum"] = st.bucket_sum
+        tensors[f"{name}.bucket_count"] = st.bucket_count
+        meta[name] = {"count": st.count, "calls_per_bucket": st.calls_per_bucket}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def load_stats(path: Path):
+    from safetensors.torch import load_file
+
+    from tdq.rounding import LayerStats
+
+    tensors = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return {
+        name: LayerStats(
+            hessian=tensors[f"{name}.hessian"],
+            count=m["count"],
+            bucket_sum=tensors[f"{name}.bucket_sum"],
+            bucket_count=tensors[f"{name}.bucket_count"],
+            calls_per_bucket=m["calls_per_bucket"],
+        )
+        for name, m in meta.items()
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mnist-ddpm")
+    ap.add_argument("--seeds", type=int, default=64, help="evaluation seeds 0..N-1")
+    ap.add_argument("--calib-seeds", type=int, default=32, help="calibration seeds 100000..")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--buckets", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rows", default=",".join(DEFAULT_ORDER))
+    ap.add_argument("--out", default=None, help="result stem (default lowbit / lowbit_<model>)")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "tdq" / "lowbit"))
+    ap.add_argument("--no-fid", action="store_true")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the JSON and exit")
+    args = ap.parse_args()
+    if args.markdown_only:
+        stem = args.out or ("lowbit" if args.model == "mnist-ddpm" else f"lowbit_{args.model}")
+        write_markdown(json.loads((RESULTS / f"{stem}.json").read_text()), RESULTS / f"{stem}.md")
+        return
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import tdq
+    from tdq.config import QuantSpec, TDQConfig, TimestepGrid, WeightRounding
+    from tdq.eval.metrics import (
+        build_lpips,
+        extract_features,
+        fid_from_features,
+        lpips_distance,
+        psnr_per_image,
+    )
+    from tdq.rounding import apply_weight_rounding, collect_layer_stats
+    from tdq.rounding.corrections import fit_output_correction
+    from tdq.run.models import ModelConfig, load_model
+    from tdq.sampling import make_sampler, make_scheduler
+
+    stem = args.out or ("lowbit" if args.model == "mnist-ddpm" else f"lowbit_{args.model}")
+    out_json = RESULTS / f"{stem}.json"
+    eval_seeds = list(range(args.seeds))
+    nf_seeds = list(range(1_000_000, 1_000_000 + args.seeds))
+    calib_seeds = list(range(100_000, 100_000 + args.calib_seeds))
+    settings = {
+        "model": args.model,
+        "scheduler": "ddim",
+        "steps": args.steps,
+        "eval_seeds": [eval_seeds[0], eval_seeds[-1]],
+        "noise_floor_seeds": [nf_seeds[0], nf_seeds[-1]],
+        "calibration_seeds": [calib_seeds[0], calib_seeds[-1]],
+        "num_buckets": args.buckets,
+        "batch_size": args.batch,
+        "layers": "every Conv2d/Linear of the denoiser",
+        "weight": "symmetric per-channel; observer per row",
+        "activation": "affine per-tensor, one scale per timestep bucket, min-max",
+    }
+    result = json.loads(out_json.read_text()) if out_json.exists() else {}
+    if result.get("settings") != settings:
+        result = {"settings": settings, "rows": {}}
+    result["env"] = env_info()
+
+    def fresh():
+        return load_model(ModelConfig(name=args.model))
+
+    def sampler(m, progress=False):
+        return make_sampler(
+            m,
+            make_scheduler(m.scheduler, "ddim"),
+            num_inference_steps=args.steps,
+            batch_size=args.batch,
+            record_trajectory=False,
+            progress=progress,
+        )
+
+    cache = Path(args.cache) / f"{args.model}_s{args.steps}_n{args.seeds}_c{args.calib_seeds}_k{args.buckets}"
+    cache.mkdir(parents=True, exist_ok=True)
+    m = fresh()
+    fp_file = cache / "fp.safetensors"
+    if fp_file.exists():
+        from safetensors.torch import load_file
+
+        t = load_file(str(fp_file))
+        fp, nf = t["fp"], t["nf"]
+    else:
+        from safetensors.torch import save_file
+
+        t0 = time.perf_counter()
+        fp = sampler(m)(eval_seeds).images
+        nf = sampler(m)(nf_seeds).images
+        save_file({"fp": fp.contiguous(), "nf": nf.contiguous()}, str(fp_file))
+        result["fp_sampling_s"] = round(time.perf_counter() - t0, 2)
+    lp = build_lpips("alex")
+    inception = None
+    fp_feat = None
+    if not args.no_fid:
+        from tdq.eval.features import InceptionFeatures
+
+        inception = InceptionFeatures()
+        fp_feat = extract_features(fp, inception)
+        nf_feat = extract_features(nf, inception)
+        result["noise_floor_fid_fp_vs_fp"] = fid_from_features(fp_feat, nf_feat)
+        result["noise_floor_psnr_fp_vs_fp_other_seeds"] = float(psnr_per_image(nf, fp).mean())
+
+    def grid():
+        return TimestepGrid(num_buckets=args.buckets)
+
+    # statistics depend on the calibration run only, not on the evaluation seeds
+    stats_file = (
+        Path(args.cache) / f"{args.model}_s{args.steps}_c{args.calib_seeds}_k{args.buckets}_stats.safetensors"
+    )
+    stats = None
+
+    def get_stats():
+        nonlocal stats
+        if stats is None:
+            if stats_file.exists():
+                stats = load_stats(stats_file)
+            else:
+                mm = fresh()
+                d = tdq.quantize_(
+                    mm.denoiser, TDQConfig(grid=grid()), num_train_timesteps=mm.num_train_timesteps
+                )
+                t0 = time.perf_counter()
+                stats = collect_layer_stats(d, lambda: sampler(mm)(calib_seeds))
+                result["statistics_s"] = round(time.perf_counter() - t0, 2)
+                save_stats(stats, stats_file)
+                out_json.write_text(json.dumps(result, indent=1))
+        return stats
+
+    for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
+        if name in result["rows"]:
+            print(f"{name}: done (resume)", flush=True)
+            continue
+        wb, ab, obs, method, clip, act_order, corrections = ROWS[name]
+        cfg = TDQConfig(
+            weight=QuantSpec(bits=wb, granularity="per_channel", symmetric=True, observer=obs),
+            activation=QuantSpec(bits=ab, granularity="per_tensor", symmetric=False, observer="minmax"),
+            grid=grid(),
+            weight_rounding=WeightRounding(
+                method=method, clip=clip, act_order=act_order, corrections=list(corrections)
+            ),
+        )
+        mm = fresh()
+        d = tdq.quantize_(mm.denoiser, cfg, num_train_timesteps=mm.num_train_timesteps)
+        need = method != "nearest" or clip != "observer" or "bias" in corrections
+        st = get_stats() if need else None
+        t0 = time.perf_counter()
+        rep = apply_weight_rounding(d, stats=st)
+        fp_weights = rep.pop("_fp_weights", None)
+        t_round = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tdq.calibrate(d, lambda mm=mm: sampler(mm)(calib_seeds))
+        t_cal = time.perf_counter() - t0
+        ptqd = None
+        if "ptqd" in corrections:
+            t0 = time.perf_counter()
+            _, ptqd = fit_output_correction(d, lambda mm=mm: sampler(mm)(calib_seeds), fp_weights)
+            ptqd["seconds"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        q = sampler(mm)(eval_seeds).images
+        t_sample = time.perf_counter() - t0
+        psnr = psnr_per_image(q, fp)
+        lpips = lpips_distance(q, fp, lp)
+        row = {
+            "weight_bits": wb,
+            "act_bits": ab,
+            "weight_observer": obs,
+            "rounding": method,
+            "clip": rep["clip"],
+            "act_order": act_order,
+            "corrections": list(corrections),
+            "psnr": float(psnr.mean()),
+            "psnr_ci95": bootstrap_ci(psnr),
+            "lpips_alex": float(lpips.mean()),
+            "lpips_alex_ci95": bootstrap_ci(lpips),
+            "rounding_s": round(t_round, 2),
+            "activation_calibration_s": round(t_cal, 2),
+            "sampling_s": round(t_sample, 2),
+            "methods_count": rep["methods_count"],
+            "layer_methods": {k: v["method"] for k, v in rep["layers"].items()},
+        }
+        if ptqd is not None:
+            row["ptqd"] = ptqd
+        if inception is not None:
+            row["fid_to_fp"] = fid_from_features(fp_feat, extract_features(q, inception))
+        result["rows"][name] = row
+        out_json.write_text(json.dumps(result, indent=1))
+        print(
+            f"{name}: PSNR {row['psnr']:.2f} [{row['psnr_ci95'][0]:.2f}, {row['psnr_ci95'][1]:.2f}] "
+            f"LPIPS {row['lpips_alex']:.4f} FID {row.get('fid_to_fp')} round {t_round:.1f}s",
+            flush=True,
+        )
+    write_markdown(result, RESULTS / f"{stem}.md")
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    s = result["settings"]
+    n = s["eval_seeds"][1] - s["eval_seeds"][0] + 1
+    lines = [
+        f"# Low-bit weights on {s['model']} (tdq.rounding)",
+        "",
+        f"DDIM {s['steps']} steps, {n} eval seeds {s['eval_seeds']}, calibration seeds {s['calibration_seeds']} "
+        f"(same for every row), {s['num_buckets']} timestep buckets; {s['layers']}; weights {s['weight']}; "
+        f"activations {s['activation']}. GPTQ/output-MSE statistics: FP model through the real sampler on the "
+        f"calibration seeds, collected once in {result.get('statistics_s', 'n/a')} s (not included in the "
+        "per-row rounding time).",
+        "",
+        f"Noise floor: FID FP vs FP (other seeds {s['noise_floor_seeds']}) = "
+        f"{_f(result.get('noise_floor_fid_fp_vs_fp'))}; PSNR FP vs FP other seeds = "
+        f"{_f(result.get('noise_floor_psnr_fp_vs_fp_other_seeds'))} dB.",
+        "",
+        "| row | W | A | rounding | weight range | PSNR to FP [dB] (95% CI) | LPIPS alex | FID to FP | rounding s | "
+        "act. calib s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["rows"].items():
+        ro = r["rounding"] + ("+act_order" if r["act_order"] else "")
+        ro += "".join(f" + {c}" for c in r.get("corrections", []))
+        clip = r["clip"] if r["clip"] != "observer" else f"{r['weight_observer']} observer"
+        lines.append(
+            f"| {name} | {r['weight_bits']} | {r['act_bits']} | {ro} | {clip} | {r['psnr']:.2f} "
+            f"({r['psnr_ci95'][0]:.2f}–{r['psnr_ci95'][1]:.2f}) | {r['lpips_alex']:.4f} | {_f(r.get('fid_to_fp'))} "
+            f"| {r['rounding_s']} | {r['activation_calibration_s']} |"
+        )
+    e = result["env"]
+    lines += [
+        "",
+        f"CPU: {e['cpu']} ({e['cpu_capability']}), torch {e['torch']}, diffusers {e['diffusers']}, "
+        f"{e['threads']} thread(s); machine shared with other jobs (load average {e['load_average_at_start']}), "
+        "so times are indicative only.",
+        "",
+        "Regenerate: `python experiments/lowbit.py` (rows resume from the JSON).",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+if __name__ == "__main__":
+    main()

@@ -46,7 +46,7 @@ from tdq.grid import SPACINGS, UNITS, is_real
 from tdq.quant import functional as F
 from tdq.quant.modules import quant_module_class
 from tdq.quant.quantizers import NotCalibratedError, TimestepContext
-from tdq.utils.io import atomic_copy, atomic_write, sha256_file
+from tdq.utils.io import atomic_copy, atomic_write, read_json_object, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -426,12 +426,7 @@ def read_saved_quantization(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no tdq state in {str(directory)!r}: {CONFIG_FILE} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SavedQuantizationError(f"tdq sidecar {str(path)!r} is corrupted: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise SavedQuantizationError(f"tdq sidecar {str(path)!r} is corrupted: expected a JSON object")
+    data = read_json_object(path, SavedQuantizationError, "tdq sidecar")
     version = data.get("schema_version")
     if version not in READABLE_SCHEMA_VERSIONS:
         raise SavedQuantizationError(

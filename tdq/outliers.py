@@ -389,6 +389,15 @@ def after_calibration(model: nn.Module) -> OutlierDiagnosis | None:
     if not cfg.enabled:
         return None
     handle = cfg.handle
+    # Smoothing rescales the weights (W·s) and re-rounds them to nearest: that would undo a weight rounding such as
+    # GPTQ, whose codes were fitted to the unsmoothed inputs. With one, layers are diagnosed (and may fall back to
+    # 16 bits) but not smoothed.
+    rounding = getattr(getattr(state.config, "weight_rounding", None), "method", "nearest")
+    may_smooth = cfg.smoothing and rounding == "nearest"
+    if cfg.smoothing and not may_smooth:
+        logger.info(
+            "outlier smoothing is off: weight_rounding.method=%r keeps its own weight codes", rounding
+        )
     diag = OutlierDiagnosis(warn_error=cfg.warn_error, handled=handle)
     cells: list[tuple[float, str, int]] = []
     layers: dict[str, tuple[nn.Module, _LayerEval, LayerDiagnosis]] = {}
@@ -409,7 +418,7 @@ def after_calibration(model: nn.Module) -> OutlierDiagnosis | None:
         errs = list(raw)
         clips = [1.0] * K
         can_smooth = getattr(m, "groups", 1) == 1 and not dynamic
-        if handle and cfg.smoothing and can_smooth:
+        if handle and may_smooth and can_smooth:
             best = sum(raw) / K
             for i, (label, cand) in enumerate(_smooth_candidates(ev, cfg)):
                 wq = ev.qweight(cand, i + 1)

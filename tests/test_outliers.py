@@ -212,3 +212,30 @@ def test_chosen_smoothing_keeps_float_path_bit_exact(fixtures):
     assert tdq.get_quantization(q).outliers.smoothed
     with torch.no_grad(), tdq.disabled(q):
         assert torch.equal(q(x, torch.tensor([0.5, 3.0]), torch.tensor([1, 2])), ref)
+
+
+def test_smoothing_keeps_away_from_gptq_codes():
+    """Smoothing would re-round the weights to nearest; with GPTQ the layer is diagnosed but keeps its codes."""
+    from tdq.rounding import calibrate_with_rounding
+
+    def make(method):
+        m = _DeadChannels()
+        with torch.no_grad():
+            m.proj.weight[:, :3] /= 1e3
+        tdq.quantize_(m, TDQConfig(outliers={"alphas": [1.0]}, weight_rounding={"method": method}))
+        return m
+
+    x = torch.randn(64, 8)
+    x[:, :3] *= 1e3  # outlier channels: smoothing is chosen under round-to-nearest
+
+    def run(m):
+        return lambda: m(x, 1.0)
+
+    rtn = make("nearest")
+    calibrate_with_rounding(rtn, run(rtn))
+    assert rtn.proj.act_smooth is not None
+    gptq = make("gptq")
+    calibrate_with_rounding(gptq, run(gptq))
+    assert gptq.proj.act_smooth is None
+    wq = gptq.proj.weight_quantizer
+    torch.testing.assert_close(wq(gptq.proj.weight), gptq.proj.weight, rtol=0, atol=0)  # still on its grid

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tdq, not another install's
+from _common import bootstrap_ci, env_info  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # name -> (weight bits, act bits, weight observer, rounding method, clip, act_order, corrections)
@@ -81,36 +82,6 @@ DEFAULT_ORDER = [
     "w4a8-gptq-bias",
     "w4a8-gptq-ptqd",
 ]
-
-
-def bootstrap_ci(values: torch.Tensor, n: int = 2000, seed: int = 0) -> list[float]:
-    """95% percentile bootstrap CI of the mean."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, values.numel(), (n, values.numel()), generator=g)
-    means = values.double()[idx].mean(1)
-    return [float(torch.quantile(means, 0.025)), float(torch.quantile(means, 0.975))]
-
-
-def env_info() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import diffusers
-
-    return {
-        "cpu": cpu,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-    }
 
 
 def save_stats(stats, path: Path) -> None:

@@ -22,11 +22,11 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
 import torch
+from _common import bootstrap_ci, env_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT_JSON = RESULTS / "outliers.json"
@@ -41,34 +41,6 @@ class _Capture(logging.Handler):
     def emit(self, record):
         if record.name == "tdq.outliers":
             self.messages.append(record.getMessage())
-
-
-def _ci(values: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> list[float]:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(values), (n_boot, len(values)), generator=g)
-    means = values.double()[idx].mean(1)
-    return [float(torch.quantile(means, 0.025)), float(torch.quantile(means, 0.975))]
-
-
-def _env() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import diffusers
-
-    return {
-        "cpu": cpu,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _quantize(model, config_kwargs: dict, calibrate):
@@ -98,7 +70,7 @@ def _row(name, q, out, ref, warnings, extra=None) -> dict:
         "row": name,
         "n": len(p),
         "psnr": float(p.mean()),
-        "psnr_ci95": _ci(p),
+        "psnr_ci95": bootstrap_ci(p, n=1000),
         "warning_fired": bool(warnings),
         "warning": warnings[0] if warnings else None,
         "flagged_raw": d.flagged_raw if d else None,
@@ -324,7 +296,7 @@ def main() -> None:
     data = {"rows": {}}
     if OUT_JSON.is_file() and not a.fresh:
         data = json.loads(OUT_JSON.read_text())
-    data["env"] = _env()
+    data["env"] = env_info()
     data["command"] = "python experiments/outliers.py"
     data["seeds"] = {"edm": a.edm_seeds, "ddpm": a.ddpm_seeds, "calibration": "10000..10031"}
 

@@ -208,6 +208,8 @@ def prepare(model: nn.Module, seed: int = 0) -> None:
     """
     from tdq.outliers import attach_stats
 
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a non-negative integer (it seeds the calibration observers)")
     layers = list(iter_quant_layers(model))
     for name, m in layers:
         if m.weight.is_meta:

@@ -755,3 +755,28 @@ def test_bad_precision_schedule_fields_are_named(edit, match):
     PrecisionSchedule.from_dict(data)
     with pytest.raises(ValueError, match=match):
         PrecisionSchedule.from_dict({**data, **edit})
+
+
+def test_unknown_top_level_run_config_key_is_refused():
+    from tdq.run.config import to_run_config
+
+    with pytest.raises(ConfigError, match=r"unknown run config key\(s\) \['evl'\]"):
+        to_run_config({"evl": {"num_samples": 4}})
+    assert to_run_config({"hydra": {"x": 1}, "threads": 1}).threads == 1
+
+
+def test_calibration_seed_must_be_an_integer():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x, timestep):
+            return self.proj(x)
+
+    net = Net()
+    tdq.quantize_(net, TDQConfig())
+    for bad in ("a", -1, 1.5, True):
+        with pytest.raises(ValueError, match="seed="):
+            with tdq.calibration(net, seed=bad):
+                pass

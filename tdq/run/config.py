@@ -5,6 +5,7 @@ It imports no sampling or evaluation code: the CLI registers the schema before H
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,6 +250,10 @@ def to_run_config(cfg: Any) -> RunConfig:
 
     data = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
     data = {k: v for k, v in data.items() if k != "hydra"}
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown run config key(s) {unknown}; the run config has {sorted(known)}")
     return RunConfig(
         model=_dataclass_from_dict(ModelConfig, data.get("model", {}), "model"),
         quant=TDQConfig.from_dict(data.get("quant", {})),

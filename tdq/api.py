@@ -13,6 +13,7 @@ with tdq.disabled(unet):                  # the same model in floating point (FP
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -308,7 +309,8 @@ def static_config(base: TDQConfig | None = None) -> TDQConfig:
     r"""
     A single-bucket config for a module without a timestep, taking the weight and activation specs of `base`.
 
-    Layer selection (`include`/`exclude`/`overrides`) is not copied: its names refer to the denoiser.
+    Layer selection (`include`/`exclude`/`overrides`) is not copied: its names refer to the denoiser. The outlier
+    handling and weight rounding settings are copied.
 
     Args:
         base (`TDQConfig`, *optional*): config whose weight/activation specs are reused; defaults to `TDQConfig()`.
@@ -319,6 +321,8 @@ def static_config(base: TDQConfig | None = None) -> TDQConfig:
         activation=base.activation,
         grid=TimestepGrid(units="t", t_min=0.0, t_max=1.0, num_buckets=1),
         check_finite=base.check_finite,
+        outliers=copy.deepcopy(base.outliers),
+        weight_rounding=copy.deepcopy(base.weight_rounding),
     )
 
 

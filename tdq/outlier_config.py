@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+CLIP_METHODS = ("ratio", "percentile", "kl")
+
 
 @dataclass
 class OutlierConfig:
@@ -37,9 +39,16 @@ class OutlierConfig:
             largest one (dead channels, e.g. 1e-21) are raised to it, so `x / s` cannot explode.
         min_gain (`float`, *optional*, defaults to `0.8`): a step is kept only if its error is below `min_gain` ×
             the error without it.
-        clip_search (`bool`, *optional*, defaults to `False`): step 2. Off by default: on the EDM fixture it
-            lowered each layer's own error but the final-sample PSNR fell from 41 to 33 dB (errors propagate).
+        clip_search (`bool` or `"auto"`, *optional*, defaults to `"auto"`): step 2. `"auto"` searches only buckets
+            with fewer than 8 activation bits. Measured (16 seeds): on mnist-ddpm W8A6 it raised final-sample PSNR
+            from 20.3 to 23.3 dB and was neutral on the EDM fixture at A6, but at A8 on the EDM fixture it lowered
+            each layer's own error while the final-sample PSNR fell from 40.4 to 34.5 dB (errors propagate).
         clip_ratios (`list[float]`, *optional*): range shrink factors tried per bucket.
+        clip_methods (`list[str]`, *optional*, defaults to `["ratio", "percentile", "kl"]`): candidate families of
+            the clipping search: `"ratio"` (the `clip_ratios`), `"percentile"` (the `clip_percentiles` of |x|) and
+            `"kl"` (TensorRT's entropy threshold at the bucket's bits); the candidate with the least
+            reconstruction error wins.
+        clip_percentiles (`list[float]`, *optional*): percentiles of |x| tried by the `"percentile"` family.
         fallback (`bool`, *optional*, defaults to `True`): step 3.
         fallback_error (`float`, *optional*, defaults to `0.01`): relative output MSE above which a (layer,
             bucket) falls back to 16-bit activations.
@@ -57,8 +66,10 @@ class OutlierConfig:
     split: bool = True
     smooth_floor: float = 1e-5
     min_gain: float = 0.8
-    clip_search: bool = False
+    clip_search: bool | str = "auto"
     clip_ratios: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    clip_methods: list[str] = field(default_factory=lambda: ["ratio", "percentile", "kl"])
+    clip_percentiles: list[float] = field(default_factory=lambda: [99.9, 99.99])
     fallback: bool = True
     fallback_error: float = 0.01
     max_fallback_fraction: float = 0.05
@@ -76,6 +87,15 @@ class OutlierConfig:
         for r in self.clip_ratios:
             if not 0.0 < float(r) <= 1.0:
                 raise ConfigError(f"{field_name}.clip_ratios: {r!r} is not in (0, 1]")
+        if self.clip_search not in (True, False, "auto"):
+            raise ConfigError(f"{field_name}.clip_search={self.clip_search!r} must be true, false or 'auto'")
+        if isinstance(self.clip_methods, str) or any(c not in CLIP_METHODS for c in self.clip_methods):
+            raise ConfigError(
+                f"{field_name}.clip_methods: {self.clip_methods!r} must be a list drawn from {list(CLIP_METHODS)}"
+            )
+        for p in self.clip_percentiles:
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 <= float(p) < 100.0:
+                raise ConfigError(f"{field_name}.clip_percentiles: {p!r} is not a number in [50, 100)")
         if not 0.0 < self.smooth_floor < 1.0:
             raise ConfigError(f"{field_name}.smooth_floor={self.smooth_floor!r} must be in (0, 1)")
         if not 0.0 < self.min_gain <= 1.0:

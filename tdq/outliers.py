@@ -63,8 +63,9 @@ class BucketDiagnosis:
         token_ratio (`float`): largest per-token (per-pixel) max |x| / median one (large: a few outlier tokens).
         error_raw (`float`): relative output MSE at the configured bits before handling.
         error (`float`): relative output MSE after handling (as the model now runs).
-        clip (`float`): chosen shrink factor of the range (1 = none).
+        clip (`float`): width of the clipped range / the calibrated one (1 = no clipping).
         act_bits (`int`): activation bits now (16 after a fallback).
+        clip_method (`str`): which candidate gave `clip`: `"none"`, `"ratio"`, `"percentile"` or `"kl"`.
     """
 
     bucket: int
@@ -77,6 +78,7 @@ class BucketDiagnosis:
     error: float
     clip: float = 1.0
     act_bits: int = 8
+    clip_method: str = "none"
 
 
 @dataclass
@@ -370,6 +372,94 @@ def _advice(d: LayerDiagnosis, bits: int) -> str:
 
 
 @torch.no_grad()
+def kl_clip_ratio(x: torch.Tensor, bits: int, bins: int = 2048, steps: int = 128) -> float:
+    r"""
+    Entropy (KL) calibration threshold of |x| (TensorRT's method) as a fraction of max |x|.
+
+    The histogram of |x| is clipped at each candidate threshold (the tail folded into the last bin) and merged
+    into ``2**(bits-1)`` levels; the threshold whose quantized histogram has the least KL divergence from the
+    clipped one wins.
+
+    Args:
+        x (`torch.Tensor`): sample of activations (any shape; must be finite).
+        bits (`int`): activation bits.
+        bins (`int`, *optional*, defaults to `2048`): histogram bins.
+        steps (`int`, *optional*, defaults to `128`): thresholds tried (evenly spaced over the bins).
+
+    Returns:
+        `float` in (0, 1]: the threshold divided by max |x| (1.0 when x is all zero).
+    """
+    a = x.detach().abs().flatten().double()
+    amax = float(a.max()) if a.numel() else 0.0
+    if not math.isfinite(amax) or amax <= 0.0:
+        return 1.0
+    hist = torch.histc(a, bins=bins, min=0.0, max=amax)
+    levels = max(2 ** (int(bits) - 1), 2)
+    best, best_i = float("inf"), bins
+    for i in torch.linspace(levels, bins, steps).round().long().unique().tolist():
+        p = hist[:i].clone()
+        p[-1] += hist[i:].sum()
+        if p.sum() <= 0:
+            continue
+        # merge hist[:i] into `levels` chunks; spread each chunk's mass over its non-empty bins
+        edges = torch.linspace(0, i, levels + 1).round().long()
+        q = torch.zeros_like(p)
+        src = hist[:i]
+        for j in range(levels):
+            lo, hi = int(edges[j]), int(edges[j + 1])
+            if hi <= lo:
+                continue
+            chunk = src[lo:hi]
+            nz = chunk > 0
+            n = int(nz.sum())
+            if n:
+                q[lo:hi][nz] = float(chunk.sum()) / n
+        mask = p > 0
+        pn, qn = p / p.sum(), q / max(float(q.sum()), 1e-300)
+        qm = qn[mask]
+        if bool((qm <= 0).any()):
+            kl = float("inf")
+        else:
+            kl = float((pn[mask] * (pn[mask] / qm).log()).sum())
+        if kl < best:
+            best, best_i = kl, i
+    return min(1.0, best_i / bins)
+
+
+def _clip_candidates(
+    ev: _LayerEval, k: int, s: torch.Tensor | None, lo: float, hi: float, bits: int, cfg
+) -> list[tuple[str, float, float]]:
+    """
+    Clipped ranges ``(family, lo, hi)`` to try for one bucket: the range shrunk by each of `clip_ratios`, and
+    [-T, T] ∩ [lo, hi] for thresholds T of |x| from percentiles and KL (so a one-sided range stays one-sided).
+    """
+    cands = [("ratio", lo * float(r), hi * float(r)) for r in cfg.clip_ratios if r < 1.0]
+    methods = set(cfg.clip_methods)
+    if not ({"percentile", "kl"} & methods):
+        return cands
+    kk = ev.stats.nearest_seen(k)
+    xs = [x if s is None else x / s.view(_cview(ev.m, x)) for x in ev.snaps[kk]]
+    if not xs:
+        return cands
+    a = torch.cat([x.detach().flatten().float() for x in xs]).abs()
+    amax = float(a.max())
+    if not math.isfinite(amax) or amax <= 0.0:
+        return cands
+    thresholds = []
+    if "percentile" in methods:
+        qs = torch.tensor([p / 100.0 for p in cfg.clip_percentiles], dtype=torch.float32)
+        vals = torch.quantile(a[: 1 << 24], qs).tolist()
+        thresholds += [(f"percentile{p:g}", v) for p, v in zip(cfg.clip_percentiles, vals, strict=True)]
+    if "kl" in methods:
+        thresholds.append(("kl", kl_clip_ratio(a, bits) * amax))
+    for name, t in thresholds:
+        if 0.0 < t < max(abs(lo), abs(hi)):
+            clo, chi = max(lo, -t), min(hi, t)
+            if chi > clo:
+                cands.append((name, clo, chi))
+    return cands
+
+
 def after_calibration(model: nn.Module) -> OutlierDiagnosis | None:
     r"""
     Diagnose and (per `TDQConfig.outliers`) handle activation outliers of a model whose observers just froze
@@ -417,6 +507,7 @@ def after_calibration(model: nn.Module) -> OutlierDiagnosis | None:
         his = [float(aq.max_val[k]) for k in range(K)]
         errs = list(raw)
         clips = [1.0] * K
+        clip_methods = ["none"] * K
         can_smooth = getattr(m, "groups", 1) == 1 and not dynamic
         if handle and may_smooth and can_smooth:
             best = sum(raw) / K
@@ -430,17 +521,15 @@ def after_calibration(model: nn.Module) -> OutlierDiagnosis | None:
         if handle and cfg.clip_search and not dynamic:
             wq = ev.qweight(s, -1) if s is not None else wq0
             for k in range(K):
-                if bits[k] >= 16:
+                if bits[k] >= (8 if cfg.clip_search == "auto" else 16):
                     continue
-                base = errs[k]
-                for r in cfg.clip_ratios:
-                    if r >= 1.0:
-                        continue
-                    e = ev.error(k, s, los[k] * r, his[k] * r, bits[k], wq)
+                base, lo0, hi0 = errs[k], los[k], his[k]
+                for method, clo, chi in _clip_candidates(ev, k, s, lo0, hi0, bits[k], cfg):
+                    e = ev.error(k, s, clo, chi, bits[k], wq)
                     if e < cfg.min_gain * base and e < errs[k]:
-                        errs[k], clips[k] = e, r
-                if clips[k] < 1.0:
-                    los[k], his[k] = los[k] * clips[k], his[k] * clips[k]
+                        errs[k], clip_methods[k] = e, method
+                        clips[k] = (chi - clo) / max(hi0 - lo0, 1e-30)
+                        los[k], his[k] = clo, chi
         # apply
         if s is not None:
             m.set_act_smooth(s)
@@ -464,6 +553,7 @@ def after_calibration(model: nn.Module) -> OutlierDiagnosis | None:
                     error=errs[k],
                     clip=clips[k],
                     act_bits=bits[k],
+                    clip_method=clip_methods[k],
                 )
             )
         worst = max(buckets, key=lambda b: b.error_raw)

@@ -239,3 +239,47 @@ def test_smoothing_keeps_away_from_gptq_codes():
     assert gptq.proj.act_smooth is None
     wq = gptq.proj.weight_quantizer
     torch.testing.assert_close(wq(gptq.proj.weight), gptq.proj.weight, rtol=0, atol=0)  # still on its grid
+
+
+def test_kl_clip_ratio_clips_heavy_tails_and_keeps_uniform():
+    from tdq.outliers import kl_clip_ratio
+
+    g = torch.Generator().manual_seed(0)
+    heavy = torch.randn(200_000, generator=g)
+    heavy[:20] = 200.0  # a few extreme values: the threshold must sit far below them
+    assert kl_clip_ratio(heavy, 6) < 0.1
+    uniform = torch.rand(200_000, generator=g) * 2 - 1  # nothing to clip
+    assert kl_clip_ratio(uniform, 6) > 0.9
+    assert kl_clip_ratio(torch.zeros(100), 8) == 1.0
+
+
+def test_clip_search_records_the_winning_candidate_family():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16))
+    with torch.no_grad():
+        m[0].weight[:, 0] *= 1e-3  # channel 0 barely reaches the output ...
+    x = torch.randn(512, 16)
+    x[:4, 0] = 300.0  # ... but its few extreme values set the range: a 4-bit range should give them up
+    kw = dict(
+        activation={"bits": 4, "symmetric": False},
+        outliers={"smoothing": False, "fallback": False, "clip_search": True, "clip_methods": ["kl"]},
+    )
+    q = copy.deepcopy(m)
+    tdq.quantize_static_(q, TDQConfig(**kw))
+    with tdq.calibration(q):
+        q(x)
+    b = tdq.get_quantization(q).outliers.layers[0].buckets[0]
+    assert b.clip_method == "kl" and b.clip < 1.0 and b.error < b.error_raw
+    # "auto" (the default) searches below 8 activation bits only
+    for bits, searched in ((4, True), (8, False)):
+        q = copy.deepcopy(m)
+        cfg = TDQConfig(activation={"bits": bits, "symmetric": False}, outliers={"smoothing": False})
+        tdq.quantize_static_(q, cfg)
+        with tdq.calibration(q):
+            q(x)
+        b = tdq.get_quantization(q).outliers.layers[0].buckets[0]
+        assert (b.clip_method != "none") == searched, (bits, b)
+    with pytest.raises(tdq.config.ConfigError, match="outliers.clip_search"):
+        TDQConfig(outliers={"clip_search": "yes"}).validate()
+    with pytest.raises(tdq.config.ConfigError, match="outliers.clip_methods"):
+        TDQConfig(outliers={"clip_methods": ["entropy"]}).validate()

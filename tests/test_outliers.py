@@ -270,10 +270,13 @@ def test_clip_search_records_the_winning_candidate_family():
         q(x)
     b = tdq.get_quantization(q).outliers.layers[0].buckets[0]
     assert b.clip_method == "kl" and b.clip < 1.0 and b.error < b.error_raw
-    # "auto" (the default) searches below 8 activation bits only
+    # "auto" searches below 8 activation bits only
     for bits, searched in ((4, True), (8, False)):
         q = copy.deepcopy(m)
-        cfg = TDQConfig(activation={"bits": bits, "symmetric": False}, outliers={"smoothing": False})
+        cfg = TDQConfig(
+            activation={"bits": bits, "symmetric": False},
+            outliers={"smoothing": False, "clip_search": "auto"},
+        )
         tdq.quantize_static_(q, cfg)
         with tdq.calibration(q):
             q(x)

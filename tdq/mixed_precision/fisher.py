@@ -468,6 +468,7 @@ def profile_sensitivity(
         "timestep_ranges": timestep_ranges,
         "empty_buckets": empty_buckets,
         "unused_layers": [names[i] for i in range(num_layers) if not bool(seen[i])],
+        "weight_numel": [int(m.weight.numel()) for m in modules],
     }
     return SensitivityProfile(
         layers=names,

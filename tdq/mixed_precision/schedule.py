@@ -114,26 +114,48 @@ class PrecisionSchedule:
         return int(self.act_bits.shape[1])
 
     # -- summaries ----------------------------------------------------------------------------------------------
-    def average_bits(self, macs: torch.Tensor | list[float] | None = None) -> dict[str, float]:
+    def average_bits(
+        self, macs: torch.Tensor | list[float] | None = None, bucket_weights: Any = None
+    ) -> dict[str, float]:
         r"""
         MAC-weighted average bit-widths.
 
-        The activation average weights each layer by its share of the MACs and each bucket of a layer equally;
-        the weight average weights each layer by its share of the MACs.
+        The activation average weights each layer by its share of the MACs and each bucket of a layer by the
+        sampler's step occupancy (equally when none is known); the weight average weights each layer by its share of
+        the MACs.
 
         Args:
             macs (`torch.Tensor` or `list[float]` of shape `[L]`, *optional*):
                 MACs per sample of each layer. Defaults to `meta["macs"]` when present, else equal weights.
+            bucket_weights (`Sequence[float]` of shape `[K]`, *optional*):
+                Steps (or share of steps) of the sampler in each bucket. Defaults to `meta["bucket_weights"]` when
+                present, else equal weights.
 
         Returns:
             `dict` with float entries `"act"` and `"weight"`.
         """
         if macs is None:
             macs = self.meta.get("macs")
+        if bucket_weights is None:
+            bucket_weights = self.meta.get("bucket_weights")
         w = _mac_weights(macs, len(self.layers))
+        k = max(self.num_buckets, 1)
+        occ = np.ones(self.num_buckets)
+        if bucket_weights is not None:
+            occ = np.asarray(torch.as_tensor(bucket_weights).double().numpy(), dtype=np.float64).reshape(-1)
+            if (
+                occ.shape[0] != self.num_buckets
+                or not np.all(np.isfinite(occ))
+                or occ.sum() <= 0
+                or occ.min() < 0
+            ):
+                raise ValueError(
+                    f"bucket_weights must be {self.num_buckets} non-negative numbers, not all zero"
+                )
+            occ = occ * self.num_buckets / occ.sum()
         a = self.act_bits.double().numpy()
         return {
-            "act": float((w[:, None] * a).sum() / max(self.num_buckets, 1)),
+            "act": float((w[:, None] * occ[None, :] * a).sum() / k),
             "weight": float((w * self.weight_bits.double().numpy()).sum()),
         }
 

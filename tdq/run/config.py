@@ -33,6 +33,14 @@ class ScheduleConfig:
         samples_per_bucket (`int`, *optional*, defaults to `8`): sensitivity samples per timestep bucket.
         batch_size (`int`, *optional*, defaults to `8`): sensitivity batch size.
         data_free (`bool`, *optional*, defaults to `True`): take x0 from the FP model's own samples.
+        max_weight_bytes (`float`, *optional*): MILP bound on the bytes of the scheduled layers' integer weights
+            (`numel × bits / 8`, scales not counted); `None` for no bound.
+        max_relative_latency (`float`, *optional*): MILP bound on the per-step latency relative to every layer at the
+            largest candidates, under the bit-operation cost model (MACs × act bits × weight bits); `None` for none.
+        occupancy (`bool`, *optional*, defaults to `True`): weight timestep buckets (Fisher and bit budgets) by the
+            share of the evaluation sampler's steps in each (`eval.scheduler`, `eval.num_inference_steps`).
+        uniform_fallback (`bool`, *optional*, defaults to `True`): let the MILP planner return the best feasible
+            uniform schedule when the solver's is worse (reported as `schedule.fallback` in the report).
     """
 
     planner: str = "milp"
@@ -43,6 +51,10 @@ class ScheduleConfig:
     samples_per_bucket: int = 8
     batch_size: int = 8
     data_free: bool = True
+    max_weight_bytes: float | None = None
+    max_relative_latency: float | None = None
+    occupancy: bool = True
+    uniform_fallback: bool = True
 
     def validate(self, prefix: str = "schedule") -> None:
         """Raise `ConfigError` naming the first field that is not allowed."""
@@ -64,6 +76,12 @@ class ScheduleConfig:
         check_field(self.samples_per_bucket, f"{prefix}.samples_per_bucket", "int", lo=1)
         check_field(self.batch_size, f"{prefix}.batch_size", "int", lo=1)
         check_field(self.data_free, f"{prefix}.data_free", "bool")
+        check_field(self.max_weight_bytes, f"{prefix}.max_weight_bytes", "real", lo=1, optional=True)
+        check_field(
+            self.max_relative_latency, f"{prefix}.max_relative_latency", "real", lo=1e-6, hi=1, optional=True
+        )
+        check_field(self.occupancy, f"{prefix}.occupancy", "bool")
+        check_field(self.uniform_fallback, f"{prefix}.uniform_fallback", "bool")
 
 
 @dataclass

@@ -98,18 +98,30 @@ def _stage_sections(ctx: RunContext) -> dict[str, Any]:
 
 
 def _schedule_section(ctx: RunContext) -> dict[str, Any]:
-    """Planner, achieved average bits and objective of the precision schedule (absent without a schedule)."""
+    """
+    Planner, achieved average bits, objective, budget rows, costs (BOPs, weight bytes) and the MILP's fallback to
+    uniform (`None` when it did not fall back) of the precision schedule (absent without a schedule).
+    """
+    from tdq.mixed_precision.costs import schedule_costs
     from tdq.mixed_precision.planners import plan_uniform, schedule_objective
 
     if ctx.schedule is None:
         return {}
     profile = ctx.profile
+    meta = ctx.schedule.meta
     return {
         "schedule": {
             "planner": ctx.cfg.schedule.planner,
             "average_bits": ctx.schedule.average_bits(profile.macs),
+            "bucket_weights": meta.get("bucket_weights"),
             "objective": schedule_objective(profile, ctx.schedule),
             "objective_uniform_8bit": schedule_objective(profile, plan_uniform(profile, 8, 8)),
+            "budget_rows": meta.get("budget_rows"),
+            "fallback": meta.get("fallback"),
+            "solver": meta.get("solver"),
+            "costs": schedule_costs(
+                ctx.schedule, macs=profile.macs, weight_numel=profile.meta.get("weight_numel")
+            ),
         }
     }
 
@@ -441,12 +453,37 @@ def _backend_markdown(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _schedule_markdown(report: dict[str, Any]) -> list[str]:
+    sc = report.get("schedule")
+    if not sc:
+        return []
+    avg, costs = sc["average_bits"], sc.get("costs") or {}
+    lines = [
+        f"## Precision schedule ({sc['planner']})",
+        "",
+        f"Average bits (MAC-weighted, buckets by step occupancy): activations {avg['act']:.3f}, "
+        f"weights {avg['weight']:.3f}. BOPs per call {_f(costs.get('bops'))} "
+        f"({_f(costs.get('bops_ratio'))}x FP32); integer weight bytes {_f(costs.get('weight_bytes'))} "
+        f"({_f(costs.get('weight_bytes_ratio'))}x FP32).",
+    ]
+    fb = sc.get("fallback")
+    if fb:
+        lines.append(
+            f"**The MILP planner fell back to uniform W{fb['weight_bits']}A{fb['act_bits']}**: {fb['reason']}."
+        )
+    elif sc["planner"] == "milp":
+        lines.append("The MILP planner's own schedule is used (no fallback to uniform).")
+    lines.append("")
+    return lines
+
+
 def _outliers_markdown(report: dict[str, Any]) -> list[str]:
     section = report.get("outliers")
     return [section["markdown"], ""] if section else []
 
 
 MARKDOWN_SECTIONS: list[Callable[[dict[str, Any]], list[str]]] = [
+    _schedule_markdown,
     _backend_markdown,
     _outliers_markdown,
     _noise_floor_markdown,

@@ -244,11 +244,22 @@ def profile(ctx: RunContext) -> None:
             batch_size=cfg.schedule.batch_size,
             forward_fn=forward_fn,
             progress=ctx.progress,
+            step_timesteps=_eval_step_timesteps(ctx) if cfg.schedule.occupancy else None,
         )
     if ctx.dist.is_main:
         ctx.profile.save(ctx.run_dir / "sensitivity")
         ctx.profile.plot_heatmap(ctx.run_dir / "sensitivity_act.png", kind="act")
         ctx.profile.plot_heatmap(ctx.run_dir / "sensitivity_weight.png", kind="weight")
+
+
+def _eval_step_timesteps(ctx: RunContext) -> torch.Tensor:
+    """The timesteps the evaluation sampler passes to the denoiser (for the planner's bucket occupancy)."""
+    from tdq.sampling.noise import make_scheduler
+
+    ev = ctx.cfg.eval
+    scheduler = make_scheduler(ctx.model.scheduler, ev.scheduler)
+    scheduler.set_timesteps(ev.num_inference_steps)
+    return torch.as_tensor(scheduler.timesteps, dtype=torch.float64)
 
 
 def plan(ctx: RunContext) -> None:
@@ -269,8 +280,10 @@ def plan(ctx: RunContext) -> None:
                 avg_weight_bits=sc.avg_weight_bits,
                 act_candidates=tuple(sc.act_candidates),
                 weight_candidates=tuple(sc.weight_candidates),
+                max_weight_bytes=sc.max_weight_bytes,
+                max_relative_latency=sc.max_relative_latency,
             )
-            schedule = plan_precision(ctx.profile, budget)
+            schedule = plan_precision(ctx.profile, budget, uniform_fallback=sc.uniform_fallback)
         elif sc.planner == "uniform":
             schedule = plan_uniform(
                 ctx.profile, act_bits=cfg.quant.activation.bits, weight_bits=cfg.quant.weight.bits

@@ -1,0 +1,77 @@
+"""What a precision schedule costs: integer weight bytes and bit-operations (BOPs) per denoiser call.
+
+BOPs follow the usual definition for mixed-precision networks, `MACs × activation bits × weight bits` per layer,
+here averaged over timestep buckets by the sampler's step occupancy (each step runs one bucket's bit-widths).
+They are a cost model, not a measurement: tdq's integer backends run 8-bit kernels only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from tdq.mixed_precision.schedule import PrecisionSchedule
+
+__all__ = ["schedule_costs"]
+
+
+def _vec(values: Any, n: int, name: str) -> np.ndarray:
+    v = np.asarray(torch.as_tensor(values).detach().cpu().double().numpy(), dtype=np.float64).reshape(-1)
+    if v.shape[0] != n or not np.all(np.isfinite(v)) or np.any(v < 0):
+        raise ValueError(f"{name} must be {n} finite non-negative numbers, got {v.shape[0]}")
+    return v
+
+
+def schedule_costs(
+    schedule: PrecisionSchedule,
+    *,
+    macs: Sequence[float] | torch.Tensor | None = None,
+    weight_numel: Sequence[int] | torch.Tensor | None = None,
+    bucket_weights: Sequence[float] | torch.Tensor | None = None,
+) -> dict[str, Any]:
+    r"""
+    Integer weight bytes and bit-operations of a schedule, beside their FP32 (32 × 32 bits) values.
+
+    Args:
+        schedule (`PrecisionSchedule`): the schedule.
+        macs (`Sequence[float]` of shape `[L]`, *optional*): MACs per sample and call of each layer; defaults to
+            `schedule.meta["macs"]`.
+        weight_numel (`Sequence[int]` of shape `[L]`, *optional*): weight elements per layer; defaults to
+            `schedule.meta["weight_numel"]`. Without it the byte entries are `None`.
+        bucket_weights (`Sequence[float]` of shape `[K]`, *optional*): step occupancy of the buckets; defaults to
+            `schedule.meta["bucket_weights"]`, else equal.
+
+    Returns:
+        `dict` with `bops` (per sample and denoiser call, occupancy-weighted over buckets), `bops_fp32`,
+        `bops_ratio`, `weight_bytes` (`numel × bits / 8`, scales not counted), `weight_bytes_fp32`,
+        `weight_bytes_ratio`, and `cost_model`.
+    """
+    num_layers, k = len(schedule.layers), schedule.num_buckets
+    macs = schedule.meta.get("macs") if macs is None else macs
+    numel = schedule.meta.get("weight_numel") if weight_numel is None else weight_numel
+    occ_in = schedule.meta.get("bucket_weights") if bucket_weights is None else bucket_weights
+    occ = np.ones(k) if occ_in is None else _vec(occ_in, k, "bucket_weights")
+    if occ.sum() <= 0:
+        raise ValueError("bucket_weights are all zero")
+    occ = occ / occ.sum()
+    a = schedule.act_bits.double().numpy()
+    w = schedule.weight_bits.double().numpy()
+    out: dict[str, Any] = {"cost_model": "bops = MACs x act bits x weight bits; bytes = numel x bits / 8"}
+    if macs is not None:
+        m = _vec(macs, num_layers, "macs")
+        bops = float((m[:, None] * a * w[:, None] * occ[None, :]).sum())
+        fp = float(m.sum() * 32 * 32)
+        out.update(bops=bops, bops_fp32=fp, bops_ratio=bops / fp if fp > 0 else None)
+    else:
+        out.update(bops=None, bops_fp32=None, bops_ratio=None)
+    if numel is not None:
+        n = _vec(numel, num_layers, "weight_numel")
+        b = float((n * w).sum() / 8)
+        fp = float(n.sum() * 4)
+        out.update(weight_bytes=b, weight_bytes_fp32=fp, weight_bytes_ratio=b / fp if fp > 0 else None)
+    else:
+        out.update(weight_bytes=None, weight_bytes_fp32=None, weight_bytes_ratio=None)
+    return out

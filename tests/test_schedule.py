@@ -54,10 +54,13 @@ def test_milp_meets_budget(act_budget, w_budget):
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_milp_not_worse_than_uniform(bits):
+    # with the fallback off: the solver's own schedule (the fallback is tested in test_planner_budgets.py)
     for heterogeneous in (True, False):
         profile = make_profile(heterogeneous=heterogeneous)
         uniform = plan_uniform(profile, bits, bits)
-        sched = plan_precision(profile, PrecisionBudget(avg_act_bits=bits, avg_weight_bits=bits))
+        budget = PrecisionBudget(avg_act_bits=bits, avg_weight_bits=bits)
+        sched = plan_precision(profile, budget, uniform_fallback=False)
+        assert sched.meta["fallback"] is None
         assert uniform.average_bits(profile.macs) == pytest.approx({"act": bits, "weight": bits})
         assert schedule_objective(profile, sched) <= schedule_objective(profile, uniform) * (1 + 1e-9)
 
@@ -65,7 +68,9 @@ def test_milp_not_worse_than_uniform(bits):
 def test_milp_strictly_better_on_heterogeneous_profile():
     profile = make_profile(heterogeneous=True, seed=3)
     uniform = plan_uniform(profile, 6, 6)
-    sched = plan_precision(profile, PrecisionBudget(avg_act_bits=6, avg_weight_bits=6))
+    sched = plan_precision(
+        profile, PrecisionBudget(avg_act_bits=6, avg_weight_bits=6), uniform_fallback=False
+    )
     assert sched.meta["objective"] < 0.9 * uniform.meta["objective"]
     assert len(sched.act_bits.unique()) > 1
 
@@ -73,7 +78,7 @@ def test_milp_strictly_better_on_heterogeneous_profile():
 def test_milp_matches_brute_force():
     profile = make_profile(num_layers=3, num_buckets=2, seed=1)
     budget = PrecisionBudget(avg_act_bits=5.7, avg_weight_bits=5.3)
-    sched = plan_precision(profile, budget)
+    sched = plan_precision(profile, budget, uniform_fallback=False)
     share = profile.macs.double() / profile.macs.sum()
     best_act, best_w = float("inf"), float("inf")
     for combo in itertools.product((4, 6, 8), repeat=6):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _figures import png_size, record_figures
 from torch import nn
 
 from tdq import assets
@@ -270,16 +271,28 @@ def test_write_report(tmp_path):
     }
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "schedule.png").write_bytes(b"png")  # a figure already in the run dir
-    written = write_report(
-        tmp_path / "run",
-        report,
-        x,
-        _perturb(x),
-        drift=[0.0, 0.01, 0.02],
-        extra_figures={"schedule": tmp_path / "run" / "schedule.png", "noise": torch.rand(1, 8, 8)},
-    )
+    with record_figures() as figs:
+        written = write_report(
+            tmp_path / "run",
+            report,
+            x,
+            _perturb(x),
+            drift=[0.0, 0.01, 0.02],
+            extra_figures={"schedule": tmp_path / "run" / "schedule.png", "noise": torch.rand(1, 8, 8)},
+        )
     for key in ("json", "md", "grid", "drift", "lpips_hist", "schedule", "noise"):
-        assert written[key].is_file() and written[key].stat().st_size > 0
+        assert written[key].is_file(), key
+    saved = {rec["path"].name: rec for rec in figs}
+    drift, hist = saved["drift.png"], saved["lpips_hist.png"]
+    assert png_size(written["drift"]) == drift["size_px"] == (600, 400)
+    (ax,) = drift["axes"]
+    assert ax["title"] == "Trajectory drift" and ax["xlabel"] == "sampler step" and "x_t^{q}" in ax["ylabel"]
+    assert ax["lines"] == 1 and ax["ydata"] == [0.0, 0.01, 0.02]
+    assert png_size(written["lpips_hist"]) == hist["size_px"]
+    (ax,) = hist["axes"]
+    assert ax["title"] == "Per-image LPIPS" and ax["xlabel"].startswith("LPIPS") and ax["ylabel"] == "images"
+    assert ax["patches"] > 0  # histogram bars
+    assert png_size(written["noise"]) == (8, 8)
 
     def reject(constant):
         raise ValueError(f"non-JSON constant {constant}")

@@ -85,12 +85,17 @@ def test_reload_restores_without_calibration(quantized):
     assert read_saved_quantization(out / "tdq" / "unet")["source_model"].endswith("/unet")
 
 
-def test_quantization_is_active(quantized):
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_quantization_is_active_and_close_to_fp(quantized):
     pipe, _, _ = quantized
     q = _images(pipe)
     with tdq.disabled(pipe.unet):
         fp = _images(pipe)
-    assert not np.array_equal(q, fp)
+    # W8A8 on the tiny random SD, 3 DDIM steps with CFG 5: measured relative image error 0.016
+    assert 0 < _rel(q, fp) <= 0.035
 
 
 def test_saved_unet_folder_has_no_float_weights(quantized, sd_dir):
@@ -154,9 +159,13 @@ def test_text_encoder_vae_decoder_and_schedule_round_trip(sd_dir, tmp_path):
 def test_from_pipe_quantizes_shared_unet_without_reloading():
     fp = tiny_sd_pipeline()
     pipe = TDQPipeline.from_pipe(fp, **CALIB)
+    pipe.set_progress_bar_config(disable=True)
     assert pipe.unet is fp.unet and pipe.vae is fp.vae
     assert len(list(tdq.iter_quant_layers(pipe.unet))) > 0
-    assert np.isfinite(_images(pipe, steps=2)).all()
+    q = _images(pipe, steps=2)
+    with tdq.disabled(pipe.unet):
+        ref = _images(pipe, steps=2)
+    assert 0 < _rel(q, ref) <= 0.03  # measured 0.013
     again = TDQPipeline.from_pipe(pipe)  # already quantized: kept, not recalibrated
     assert again.tdq_components.keys() == {"unet"}
 
@@ -190,7 +199,7 @@ def test_wrap_dit_pipeline():
     out = pipe(
         class_labels=[3], num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)
     )
-    assert out.images.shape == (1, 8, 8, 3) and np.isfinite(out.images).all()
+    assert out.images.shape == (1, 8, 8, 3)
     with tdq.disabled(pipe.transformer):
         fp = pipe(
             class_labels=[3],
@@ -198,7 +207,10 @@ def test_wrap_dit_pipeline():
             output_type="np",
             generator=torch.Generator().manual_seed(0),
         )
-    assert not np.array_equal(out.images, fp.images)
+    # Calibrated on classes 1 and 2, evaluated on class 3. Measured relative image error 0.27: the random tiny
+    # DiT's conditional and unconditional predictions nearly agree, so guidance scale 4 amplifies the
+    # quantization noise of their difference.
+    assert 0 < _rel(out.images, fp.images) <= 0.55
 
 
 def test_wrap_with_calibrate_fn_and_errors():

@@ -47,9 +47,12 @@ def _run(tmp_path, model: str) -> dict:
     assert len(report["drift"]) == 4
     cond = report["conditioning"]
     assert cond["labels_histogram"][:4] == [1, 1, 1, 1]  # seeds 0..3 -> digits 0..3
-    for label in ("fp", "quantized"):
-        assert 0.0 <= cond["judge"][label]["accuracy"] <= 1.0
-    assert 0.0 <= cond["judge"]["class_agreement_fp_vs_quantized"] <= 1.0
+    # The judge reads the asked digit from FP samples (measured 1.0 for both models at this size), and W8A8 (the
+    # default 6-bit-average MILP mix here) keeps it: at most one of the 4 samples may change class.
+    judge = cond["judge"]
+    assert judge["fp"]["accuracy"] >= 0.75, judge
+    assert judge["quantized"]["accuracy"] >= judge["fp"]["accuracy"] - 0.25, judge
+    assert judge["class_agreement_fp_vs_quantized"] >= 0.75, judge
     assert "## Conditioning" in (run_dir / "report.md").read_text()
     return report
 

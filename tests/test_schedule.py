@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from _figures import png_size, record_figures
 from torch import nn
 
 from tdq.grid import TimestepGrid
@@ -177,8 +178,14 @@ def test_table_and_plot(tmp_path):
     sched = plan_precision(profile, PrecisionBudget(avg_act_bits=6))
     table = sched.to_table()
     assert "| `blocks.0.proj` |" in table and "MAC-weighted average" in table
-    out = sched.plot(tmp_path / "sched.png")
-    assert out.stat().st_size > 1000
+    with record_figures() as figs:
+        out = sched.plot(tmp_path / "sched.png")
+    assert png_size(out) == figs[0]["size_px"]
+    w_ax, a_ax, bar = figs[0]["axes"]
+    assert w_ax["xticklabels"] == ["W"] and w_ax["yticklabels"] == profile.layers
+    assert a_ax["title"] == "activation bits" and a_ax["xlabel"] == "timestep bucket (train_timestep)"
+    assert a_ax["xticklabels"] == sched._bucket_labels() and a_ax["xticklabels"][0].startswith("[0, ")
+    assert bar["ylabel"] == "bits"
 
 
 class FakeQuantLinear(nn.Module):

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from _figures import png_size, record_figures
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
@@ -209,8 +210,17 @@ def test_report_and_plots(setup, tmp_path):
     profile = setup[3]
     table = profile.to_table(top=5)
     assert table.count("\n| ") == 6  # header + 5 rows
-    assert profile.plot_heatmap(tmp_path / "act.png").stat().st_size > 1000
-    assert profile.plot_heatmap(tmp_path / "w.png", kind="weight").stat().st_size > 1000
+    with record_figures() as figs:
+        act = profile.plot_heatmap(tmp_path / "act.png")
+        weight = profile.plot_heatmap(tmp_path / "w.png", kind="weight")
+    for path, rec, kind in ((act, figs[0], "activation"), (weight, figs[1], "weight")):
+        assert png_size(path) == rec["size_px"]  # the file is the figure drawn
+        heat, bar = rec["axes"]
+        assert heat["title"] == f"{kind} Fisher trace"
+        assert heat["xlabel"] == f"timestep bucket ({profile.grid['units']})"
+        assert heat["yticklabels"] == profile.layers
+        assert len(heat["xticklabels"]) == profile.num_buckets
+        assert bar["ylabel"] == "log10 Fisher trace"
     with pytest.raises(ValueError, match="kind"):
         profile.plot_heatmap(tmp_path / "x.png", kind="bias")
 

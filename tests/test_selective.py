@@ -10,8 +10,17 @@ from tdq.eval.selective import quantize_only_timesteps, step_thirds, timestep_se
 from tdq.sampling import DiffusionSampler
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # one thread: two-thread OpenMP is many times slower on a build machine shared with other jobs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def setup():
+def setup(_one_thread):
     torch.manual_seed(0)
     model = T.tiny_unet2d()
     sampler = DiffusionSampler(

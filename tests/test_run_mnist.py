@@ -8,7 +8,9 @@ LPIPS and drift doubled) and at under half the smallest measured static-vs-times
 
 At 6-bit activations the static config scored *better* PSNR than the timestep-aware one in all four seed sets at
 this size (by 0.3..2.3 dB; 10 buckets over 10 steps leaves one step and 4 samples per bucket scale), so no sign is
-asserted there.
+asserted there. Both signs depend on the calibration: with 16 calibration samples at 20 steps
+(`experiments/results/run_test_bounds_calib16.md`, 3 seed sets) timestep-aware won at A6 in all three (+0.1..2.2
+dB) but lost at A8 in two of three, so the A8 sign below holds for this test's settings, not in general.
 """
 
 from __future__ import annotations

@@ -580,6 +580,9 @@ def write_plots(result: dict, stem_path: Path) -> list[Path]:
                     lo = [r[metric]["mean"] - r[metric]["ci95"][0] for r in pts]
                     hi = [r[metric]["ci95"][1] - r[metric]["mean"] for r in pts]
                     ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=method)
+                for x, y, r in zip(xs, ys, pts, strict=True):
+                    if math.isfinite(y):
+                        ax.annotate(r["row"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
             if metric == "fid_to_fp":
                 floors = [r["fid_noise_floor"] for r in mrows if r["fid_noise_floor"] is not None]
                 if floors:
@@ -599,7 +602,7 @@ def write_plots(result: dict, stem_path: Path) -> list[Path]:
         ax = axes[0][i]
         for r in result["rows"].values():
             if r["model"] == model and r["drift"]:
-                ls = "--" if r["method"] == "static" else "-"
+                ls = ":" if r["eval_scheduler"] != "ddim" else ("--" if r["method"] == "static" else "-")
                 ax.plot(range(1, len(r["drift"]) + 1), r["drift"], ls, label=r["row"])
         ax.set_yscale("log")
         ax.set_xlabel("sampler step")

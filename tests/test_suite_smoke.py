@@ -120,3 +120,27 @@ def test_one_ddim_calibration_serves_dpm_solver(smoke):
     assert vs_own["paired"] and vs_own["delta_psnr"]["mean"] > -CROSS_SCHEDULER_DB, vs_own
     vs_ddim = _claim(result, "DDIM calibration serves dpmsolver", "w8a8")
     assert vs_ddim["delta_psnr"]["mean"] > -CROSS_SCHEDULER_DB, vs_ddim
+
+
+def _suite_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tdq_experiment_suite", SUITE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_methods_by_quantizer_name(tmp_path, monkeypatch):
+    suite = _suite_module()
+    with pytest.raises(SystemExit, match=r"configs/quantizer/no-such-baseline\.yaml"):
+        suite.build_rows("smoke", ["mnist-ddpm"], ["tdq", "no-such-baseline"])
+    # once a quantizer= config exists, it is a row by name (bits from the name), with the size's settings
+    (tmp_path / "quantizer").mkdir()
+    (tmp_path / "quantizer" / "quanto-w8a8.yaml").write_text("name: quanto-w8a8\n")
+    (tmp_path / "config.yaml").write_text("defaults:\n  - quantizer: tdq\n")
+    monkeypatch.setattr(suite, "CONFIGS", tmp_path)
+    rows = suite.build_rows("smoke", ["mnist-ddpm"], ["quanto-w8a8"])
+    assert [(r.name, r.method, r.w_bits, r.a_bits) for r in rows] == [("quanto-w8a8", "quanto-w8a8", 8, 8)]
+    assert {"override /quantizer": "quanto-w8a8"} in rows[0].node["defaults"]

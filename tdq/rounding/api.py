@@ -19,6 +19,7 @@ from torch import nn
 
 from tdq.api import calibrate, get_quantization, iter_quant_layers
 from tdq.config import WeightRounding
+from tdq.rounding.adaround import reconstruct_
 from tdq.rounding.calib_stats import LayerStats, collect_layer_stats, supports_stats
 from tdq.rounding.clipping import search_clipping_
 from tdq.rounding.corrections import fit_bias_correction_, fit_output_correction
@@ -51,7 +52,8 @@ def apply_weight_rounding(
     Returns:
         `dict`: `method`, `clip`, `seconds`, and per layer (`layers`) the rounding that ran and its relative
         output error on the calibration inputs; with `spec.corrections`, also `bias_correction_max_abs` (per
-        layer, when `"bias"` is asked) and `_fp_weights` (the weights before rounding, for the PTQD fit).
+        layer, when `"bias"` is asked) and `_fp_weights` (the weights before rounding, for the PTQD fit); with
+        `method="adaround"`, `_fp_weights` and `_stats` (for `tdq.rounding.adaround.reconstruct_`).
     """
     state = get_quantization(model)
     spec = spec or state.config.weight_rounding
@@ -60,7 +62,9 @@ def apply_weight_rounding(
     clip = spec.clip
     if spec.method == "mse" and clip == "observer":
         clip = "output_mse"
-    need = spec.method == "gptq" or clip == "output_mse" or "bias" in spec.corrections
+    # AdaRound starts from round-to-nearest or GPTQ here; `reconstruct_` learns the rounding after calibration
+    method = spec.adaround_init if spec.method == "adaround" else spec.method
+    need = method == "gptq" or clip == "output_mse" or "bias" in spec.corrections
     if need and stats is None:
         if run is None:
             raise ValueError(
@@ -69,7 +73,9 @@ def apply_weight_rounding(
         stats = collect_layer_stats(model, run)
     t_stats = time.perf_counter() - t0
     fp_weights = (
-        {n: m.weight.detach().clone() for n, m in iter_quant_layers(model)} if spec.corrections else None
+        {n: m.weight.detach().clone() for n, m in iter_quant_layers(model)}
+        if spec.corrections or spec.method == "adaround"
+        else None
     )
     layers: dict[str, Any] = {}
     for name, m in iter_quant_layers(model):
@@ -91,7 +97,7 @@ def apply_weight_rounding(
                 entry["clip_mean_ratio"] = r["mean_ratio"]
         else:
             entry["clip"] = m.weight_quantizer.spec.observer
-        if spec.method == "gptq":
+        if method == "gptq":
             if st is None:
                 entry["method"] = (
                     "nearest (no input statistics)" if supports_stats(m) else "nearest (unsupported)"
@@ -113,6 +119,8 @@ def apply_weight_rounding(
         extra["bias_correction_max_abs"] = fit_bias_correction_(model, stats, fp_weights)
     if fp_weights is not None:
         extra["_fp_weights"] = fp_weights
+    if spec.method == "adaround":
+        extra["_stats"] = stats
     return {
         **extra,
         "method": spec.method,
@@ -124,6 +132,30 @@ def apply_weight_rounding(
         "methods_count": counts,
         "layers": layers,
     }
+
+
+def finish_adaround_(
+    model: nn.Module,
+    run: Callable[[], object],
+    spec: WeightRounding,
+    fp_weights: dict,
+    stats: dict[str, LayerStats] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """
+    The AdaRound step of `method="adaround"` on a model rounded by `apply_weight_rounding` and calibrated:
+    `tdq.rounding.adaround.reconstruct_` (learned rounding, activation recalibration), then the bias correction
+    is refitted on the new weights when `"bias"` is asked (FP-model `stats`).
+
+    Returns:
+        `dict`: the `reconstruct_` report (with `filled_buckets` of the recalibration).
+    """
+    rep = reconstruct_(
+        model, run, fp_weights, iters=spec.adaround_iters, reg_weight=spec.adaround_reg, seed=seed
+    )
+    if "bias" in spec.corrections and stats is not None:
+        rep["bias_correction_max_abs"] = fit_bias_correction_(model, stats, fp_weights)
+    return rep
 
 
 def calibrate_with_rounding(
@@ -150,7 +182,11 @@ def calibrate_with_rounding(
     spec = spec or state.config.weight_rounding
     report = apply_weight_rounding(model, run, spec)
     fp_weights = report.pop("_fp_weights", None)
+    stats = report.pop("_stats", None)
     report["filled_buckets"] = calibrate(model, run, seed=seed)
+    if spec.method == "adaround":
+        report["adaround"] = finish_adaround_(model, run, spec, fp_weights, stats, seed=seed)
+        report["filled_buckets"] = report["adaround"].pop("filled_buckets")
     if "ptqd" in spec.corrections:
         t1 = time.perf_counter()
         _, report["ptqd"] = fit_output_correction(model, run, fp_weights)

@@ -1,0 +1,93 @@
+"""tdq.rounding.adaround: learned rounding ends binary and beats round-to-nearest; the model path runs end to end."""
+
+import pytest
+import torch
+from torch import nn
+
+import tdq
+from tdq.config import QuantSpec, TDQConfig, WeightRounding
+from tdq.quant import functional as F
+from tdq.quant.modules import QuantLinear
+from tdq.quant.quantizers import TimestepContext
+from tdq.rounding import PairedStats, adaround_layer_, calibrate_with_rounding
+from tdq.rounding.gptq import column_grid, nearest_codes
+from tdq.testing import denoiser_inputs, tiny_unet2d
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    scales = torch.logspace(0, 1.5, d)[torch.randperm(d, generator=g)]
+    return (torch.randn(n, d, generator=g) * scales) @ mix + 0.3
+
+
+@pytest.mark.parametrize("act_bits", [16, 6])
+def test_adaround_variables_end_binary_and_error_below_nearest(act_bits):
+    torch.manual_seed(1)
+    spec = QuantSpec(bits=4, granularity="per_channel")
+    m = QuantLinear.from_float(nn.Linear(64, 24), "lin", spec, QuantSpec(bits=8), TimestepContext(1))
+    w_fp = m.weight.detach().clone()
+    x = _inputs(512, 64)
+    # the quantized layer's input: the FP input through an activation quantizer (in the loop)
+    if act_bits < 16:
+        sc, zp = F.scale_zero_point(x.min(), x.max(), act_bits, False)
+        xq = F.fake_quantize(x, sc, zp, *F.qrange(act_bits, False))
+    else:
+        xq = x
+    xd, xqd = x.double(), xq.double()
+    st = PairedStats(hqq=xqd.T @ xqd, hfq=xd.T @ xqd, hff=xd.T @ xd, count=x.shape[0])
+
+    def err(w_q):  # summed squared output error against the FP layer on the calibration inputs
+        return float(((xq @ w_q.T - x @ w_fp.T).double() ** 2).sum())
+
+    s, z = column_grid(m.weight_quantizer, 24, 64)
+    w_rtn = (nearest_codes(w_fp, s, z, *m.weight_quantizer.qrange()) - z) * s
+    rep = adaround_layer_(m, w_fp, st, iters=400)
+    w_q = m.weight.detach()
+    # the rounding variables ended (almost all) binary, and the weight is on the quantizer's grid
+    assert rep["binary_fraction"] > 0.99, rep
+    assert rep["method"] == "adaround"
+    with torch.no_grad():
+        assert torch.equal(m.weight_quantizer(w_q), w_q)
+    # each weight moved to the grid point below or above its FP value, never further
+    step = (w_q - w_fp).abs() / s
+    assert float(step.max()) < 1.0 + 1e-4
+    assert err(w_q) < 0.6 * err(w_rtn), (err(w_q), err(w_rtn))
+    # the report's relative errors agree with the direct computation
+    energy = float(((x @ w_fp.T).double() ** 2).sum())
+    assert rep["rel_output_error"] == pytest.approx(err(w_q) / energy, rel=1e-3)
+
+
+def test_adaround_model_path_runs_and_leaves_weights_on_grid():
+    cfg = TDQConfig(
+        weight=QuantSpec(bits=4, granularity="per_channel", observer="mse"),
+        weight_rounding=WeightRounding(method="adaround", adaround_iters=60, corrections=["bias"]),
+        grid=tdq.TimestepGrid(num_buckets=4),
+    )
+    model = tdq.quantize_(tiny_unet2d(), cfg)
+    w_fp = {n: m.weight.detach().clone() for n, m in tdq.iter_quant_layers(model)}
+
+    def run():
+        with torch.no_grad():
+            for t in (950.0, 700.0, 400.0, 10.0):
+                model(**denoiser_inputs(model, batch=2, t=t, generator=torch.Generator().manual_seed(0)))
+
+    rep = calibrate_with_rounding(model, run)
+    ada = rep["adaround"]
+    assert ada["layers"] and all(e["rel_output_error"] <= e["rel_output_error_start"] for e in ada["layers"].values())
+    assert sum(e["method"] == "adaround" for e in ada["layers"].values()) >= len(ada["layers"]) // 2
+    moved = 0
+    for name, m in tdq.iter_quant_layers(model):
+        w = m.weight.detach()
+        assert torch.equal(m.weight_quantizer(w), w), name
+        moved += int(not torch.equal(m.weight_quantizer(w_fp[name]), w))
+    assert moved > 0
+    assert "bias_correction_max_abs" in ada

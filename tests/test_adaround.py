@@ -91,3 +91,58 @@ def test_adaround_model_path_runs_and_leaves_weights_on_grid():
         moved += int(not torch.equal(m.weight_quantizer(w_fp[name]), w))
     assert moved > 0
     assert "bias_correction_max_abs" in ada
+
+
+def _tiny_run(model, ts=(950.0, 700.0, 400.0, 10.0)):
+    def run():
+        with torch.no_grad():
+            for t in ts:
+                model(**denoiser_inputs(model, batch=2, t=t, generator=torch.Generator().manual_seed(0)))
+
+    return run
+
+
+@pytest.mark.parametrize("method", ["gptq", "adaround"])
+def test_rounded_and_corrected_state_reloads_bit_exact_and_runs_on_x86(tmp_path, method):
+    from tdq.quant.backends import backend_info, get_cpu_capability, to_backend
+    from tdq.rounding.corrections import get_output_correction
+    from tdq.serialization import load_quantization, save_quantization
+    from tdq.testing import output_tensor
+
+    cfg = TDQConfig(
+        weight=QuantSpec(bits=4, granularity="per_channel", observer="mse"),
+        weight_rounding=WeightRounding(method=method, corrections=["bias", "ptqd"], adaround_iters=40),
+        grid=tdq.TimestepGrid(num_buckets=4),
+    )
+    model = tdq.quantize_(tiny_unet2d(), cfg)
+    calibrate_with_rounding(model, _tiny_run(model))
+    corr = get_output_correction(model)
+    assert corr is not None
+    biased = {n: m.bucket_bias.clone() for n, m in tdq.iter_quant_layers(model) if hasattr(m, "bucket_bias")}
+    assert biased
+    inp = denoiser_inputs(model, t=700.0)
+    with torch.no_grad():
+        ref = output_tensor(model(**inp))
+    directory = save_quantization(model, tmp_path / "state")
+    fresh = load_quantization(tiny_unet2d(), directory)
+    with torch.no_grad():
+        assert torch.equal(output_tensor(fresh(**inp)), ref)
+    loaded = get_output_correction(fresh)
+    assert torch.equal(loaded.gain, corr.gain) and torch.equal(loaded.bias, corr.bias)
+    for name, m in tdq.iter_quant_layers(fresh):
+        assert torch.equal(m.bucket_bias, biased[name]) if name in biased else not hasattr(m, "bucket_bias")
+    # the corrections matter: without them the reloaded model's output differs
+    loaded.remove()
+    with torch.no_grad():
+        assert not torch.equal(output_tensor(fresh(**inp)), ref)
+    if not get_cpu_capability()["onednn_int8"]:
+        pytest.skip("PyTorch without oneDNN int8 kernels")
+    # the integer backend after loading keeps both corrections (layer hooks move to the real modules)
+    for real in (
+        to_backend(load_quantization(tiny_unet2d(), directory), "x86"),
+        load_quantization(tiny_unet2d(), directory, backend="x86"),
+    ):
+        assert backend_info(real)["backend"] == "x86"
+        with torch.no_grad():
+            out = output_tensor(real(**inp))
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

@@ -60,6 +60,9 @@ ROWS = {
     "w4a8-adaround": (4, 8, "mse", "adaround", "observer", False, []),
     "w4a8-adaround-gptqinit": (4, 8, "mse", "adaround", "observer", True, [], {"adaround_init": "gptq"}),
     "w4a16-adaround": (4, 16, "mse", "adaround", "observer", False, []),
+    "w4a8-gptq-actorder-smooth": (4, 8, "mse", "gptq", "observer", True, [], {"smooth_first": True}),
+    "w4a8-adaround-smooth": (4, 8, "mse", "adaround", "observer", False, [], {"smooth_first": True}),
+    "w4a16-gptq-actorder-smooth": (4, 16, "mse", "gptq", "observer", True, [], {"smooth_first": True}),
 }
 DEFAULT_ORDER = [
     "w4a8-nearest",
@@ -88,6 +91,9 @@ DEFAULT_ORDER = [
     "w4a8-adaround",
     "w4a8-adaround-gptqinit",
     "w4a16-adaround",
+    "w4a8-gptq-actorder-smooth",
+    "w4a8-adaround-smooth",
+    "w4a16-gptq-actorder-smooth",
 ]
 
 
@@ -155,8 +161,7 @@ def main() -> None:
         lpips_distance,
         psnr_per_image,
     )
-    from tdq.rounding import apply_weight_rounding, collect_layer_stats, finish_adaround_
-    from tdq.rounding.corrections import fit_output_correction
+    from tdq.rounding import calibrate_with_rounding, collect_layer_stats
     from tdq.run.models import ModelConfig, load_model
     from tdq.sampling import make_sampler, make_scheduler
 
@@ -270,27 +275,12 @@ def main() -> None:
         d = tdq.quantize_(mm.denoiser, cfg, num_train_timesteps=mm.num_train_timesteps)
         need = method != "nearest" or clip != "observer" or "bias" in corrections
         st = get_stats() if need else None
-        t0 = time.perf_counter()
-        rep = apply_weight_rounding(d, stats=st)
-        fp_weights = rep.pop("_fp_weights", None)
-        rep.pop("_stats", None)
-        t_round = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        tdq.calibrate(d, lambda mm=mm: sampler(mm)(calib_seeds))
-        t_cal = time.perf_counter() - t0
-        ada = None
-        if method == "adaround":  # learned rounding on the calibrated model, then activation recalibration
-            t0 = time.perf_counter()
-            ada = finish_adaround_(
-                d, lambda mm=mm: sampler(mm)(calib_seeds), cfg.weight_rounding, fp_weights, st
-            )
-            t_round += time.perf_counter() - t0 - ada["seconds_recalibration"]
-            t_cal += ada["seconds_recalibration"]
-        ptqd = None
-        if "ptqd" in corrections:
-            t0 = time.perf_counter()
-            _, ptqd = fit_output_correction(d, lambda mm=mm: sampler(mm)(calib_seeds), fp_weights)
-            ptqd["seconds"] = round(time.perf_counter() - t0, 2)
+        # the library path: rounding (and smoothing first, AdaRound, corrections) with the shared FP statistics
+        rep = calibrate_with_rounding(d, lambda mm=mm: sampler(mm)(calib_seeds), stats=st)
+        t_cal = rep["seconds_calibration"]
+        ptqd = rep.get("ptqd")
+        ada = rep.get("adaround")
+        t_round = rep["seconds_total"] - t_cal - (ptqd["seconds"] if ptqd else 0.0)
         t0 = time.perf_counter()
         q = sampler(mm)(eval_seeds).images
         t_sample = time.perf_counter() - t0
@@ -304,6 +294,7 @@ def main() -> None:
             "clip": rep["clip"],
             "act_order": act_order,
             "corrections": list(corrections),
+            "smooth_first": bool(rep.get("smooth_first")),
             "psnr": float(psnr.mean()),
             "psnr_ci95": bootstrap_ci(psnr),
             "lpips_alex": float(lpips.mean()),
@@ -373,6 +364,8 @@ def write_markdown(result: dict, path: Path) -> None:
     ]
     for name, r in result["rows"].items():
         ro = r["rounding"] + ("+act_order" if r["act_order"] else "")
+        if r.get("smooth_first"):
+            ro += " after smoothing"
         if "adaround" in r:
             ro += f" (from {r['adaround']['init']}, {r['adaround']['iters']} it)"
         ro += "".join(f" + {c}" for c in r.get("corrections", []))

@@ -125,6 +125,10 @@ class WeightRounding:
             `"bias"` (per layer, per timestep bucket: remove the mean output error) and `"ptqd"` (at the model
             output, per bucket: divide out the part of the quantization noise correlated with the output and
             remove its mean).
+        smooth_first (`bool`, *optional*, defaults to `False`): calibrate the activations before rounding so the
+            outlier handling's SmoothQuant smoothing (`outliers.smoothing`) is chosen on the unrounded weights, then
+            round the smoothed weights (GPTQ/AdaRound in the smoothed coordinates) and calibrate again keeping that
+            smoothing. Without it, smoothing is off for any rounding but `"nearest"`.
         adaround_init (`str`, *optional*, defaults to `"nearest"`): AdaRound's starting codes, `"nearest"` or
             `"gptq"`.
         adaround_iters (`int`, *optional*, defaults to `500`): AdaRound Adam iterations per layer.
@@ -138,6 +142,7 @@ class WeightRounding:
     act_order: bool = False
     block_size: int = 128
     corrections: list[str] = field(default_factory=list)
+    smooth_first: bool = False
     adaround_init: str = "nearest"
     adaround_iters: int = 500
     adaround_reg: float = 10.0
@@ -156,6 +161,8 @@ class WeightRounding:
             raise ConfigError(f"{field_name}.damp={self.damp!r} must be a number in (0, 1]")
         if int(self.block_size) != self.block_size or self.block_size < 1:
             raise ConfigError(f"{field_name}.block_size={self.block_size!r} must be a positive integer")
+        if not isinstance(self.smooth_first, bool):
+            raise ConfigError(f"{field_name}.smooth_first={self.smooth_first!r} must be true or false")
         if not isinstance(self.act_order, bool):
             raise ConfigError(f"{field_name}.act_order={self.act_order!r} must be true or false")
         if self.adaround_init not in ADAROUND_INITS:

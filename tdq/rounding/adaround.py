@@ -67,7 +67,7 @@ def collect_paired_stats(
     run: Callable[[], object],
     fp_weights: dict[str, torch.Tensor],
     *,
-    max_rows: int = 2048,
+    max_rows: int = 512,
     seed: int = 0,
 ) -> dict[str, PairedStats]:
     """
@@ -77,7 +77,7 @@ def collect_paired_stats(
         model (`nn.Module`): a quantized, calibrated model.
         run (`Callable[[], object]`): runs the real sampler over `model` (calibration seeds).
         fp_weights (`dict[str, torch.Tensor]`): each layer's weight before rounding (the FP pass uses them).
-        max_rows (`int`, *optional*, defaults to `2048`): input rows sampled per layer and call (fixed seed), to
+        max_rows (`int`, *optional*, defaults to `512`): input rows sampled per layer and call (fixed seed), to
             bound the cost of the moment products on large feature maps.
         seed (`int`, *optional*, defaults to `0`): row-sampling seed.
 
@@ -149,6 +149,23 @@ def collect_paired_stats(
         for h in handles:
             h.remove()
     return stats
+
+
+def recalibrate_(model: nn.Module, run: Callable[[], object], seed: int = 0) -> dict[str, list[int]]:
+    """
+    Calibrate the activations again without touching the weights: the outlier smoothing already chosen is kept
+    (not re-chosen, which would restore and re-round the weights), the rest of the outlier handling runs.
+
+    Returns:
+        The buckets filled from neighbours, as `tdq.calibrate` returns them.
+    """
+    cfg = get_quantization(model).config.outliers
+    old = cfg.smoothing
+    cfg.smoothing = False
+    try:
+        return calibrate(model, run, seed=seed)
+    finally:
+        cfg.smoothing = old
 
 
 def _rect_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -315,7 +332,7 @@ def reconstruct_(
     *,
     iters: int = 500,
     reg_weight: float = 10.0,
-    max_rows: int = 2048,
+    max_rows: int = 512,
     recalibrate: bool = True,
     seed: int = 0,
 ) -> dict:
@@ -328,8 +345,9 @@ def reconstruct_(
         run (`Callable[[], object]`): runs the real sampler over `model` on the calibration seeds.
         fp_weights (`dict[str, torch.Tensor]`): each layer's weight before rounding (the target).
         iters, reg_weight: see `adaround_codes`.
-        max_rows (`int`, *optional*, defaults to `2048`): see `collect_paired_stats`.
-        recalibrate (`bool`, *optional*, defaults to `True`): calibrate the activations again on the new weights.
+        max_rows (`int`, *optional*, defaults to `512`): see `collect_paired_stats`.
+        recalibrate (`bool`, *optional*, defaults to `True`): calibrate the activations again on the new weights
+            (`recalibrate_`: the chosen outlier smoothing is kept).
         seed (`int`, *optional*, defaults to `0`): row-sampling and observer seed.
 
     Returns:
@@ -348,7 +366,7 @@ def reconstruct_(
         layers[name] = adaround_layer_(m, fp_weights[name], st, iters=iters, reg_weight=reg_weight)
     t_opt = time.perf_counter() - t1
     t2 = time.perf_counter()
-    filled = calibrate(model, run, seed=seed) if recalibrate else {}
+    filled = recalibrate_(model, run, seed=seed) if recalibrate else {}
     fr = [e["binary_fraction"] for e in layers.values()]
     return {
         "iters": iters,

@@ -82,7 +82,9 @@ def test_adaround_model_path_runs_and_leaves_weights_on_grid():
 
     rep = calibrate_with_rounding(model, run)
     ada = rep["adaround"]
-    assert ada["layers"] and all(e["rel_output_error"] <= e["rel_output_error_start"] for e in ada["layers"].values())
+    assert ada["layers"] and all(
+        e["rel_output_error"] <= e["rel_output_error_start"] for e in ada["layers"].values()
+    )
     assert sum(e["method"] == "adaround" for e in ada["layers"].values()) >= len(ada["layers"]) // 2
     moved = 0
     for name, m in tdq.iter_quant_layers(model):
@@ -102,8 +104,7 @@ def _tiny_run(model, ts=(950.0, 700.0, 400.0, 10.0)):
     return run
 
 
-@pytest.mark.parametrize("method", ["gptq", "adaround"])
-def test_rounded_and_corrected_state_reloads_bit_exact_and_runs_on_x86(tmp_path, method):
+def test_rounded_and_corrected_state_reloads_bit_exact_and_runs_on_x86(tmp_path):
     from tdq.quant.backends import backend_info, get_cpu_capability, to_backend
     from tdq.rounding.corrections import get_output_correction
     from tdq.serialization import load_quantization, save_quantization
@@ -111,7 +112,10 @@ def test_rounded_and_corrected_state_reloads_bit_exact_and_runs_on_x86(tmp_path,
 
     cfg = TDQConfig(
         weight=QuantSpec(bits=4, granularity="per_channel", observer="mse"),
-        weight_rounding=WeightRounding(method=method, corrections=["bias", "ptqd"], adaround_iters=40),
+        # AdaRound from GPTQ codes: both roundings' codes go through the saved state
+        weight_rounding=WeightRounding(
+            method="adaround", adaround_init="gptq", corrections=["bias", "ptqd"], adaround_iters=40
+        ),
         grid=tdq.TimestepGrid(num_buckets=4),
     )
     model = tdq.quantize_(tiny_unet2d(), cfg)
@@ -146,3 +150,59 @@ def test_rounded_and_corrected_state_reloads_bit_exact_and_runs_on_x86(tmp_path,
         with torch.no_grad():
             out = output_tensor(real(**inp))
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_smoothed_stats_are_the_moments_of_the_smoothed_inputs(kind):
+    from tdq.quant.modules import QuantConv2d
+    from tdq.rounding import layer_input_rows
+    from tdq.rounding.calib_stats import LayerStats, smoothed_stats
+
+    torch.manual_seed(0)
+    ctx = TimestepContext(2)
+    spec = QuantSpec(bits=4, granularity="per_channel")
+    if kind == "linear":
+        m = QuantLinear.from_float(nn.Linear(6, 5), "l", spec, QuantSpec(bits=8), ctx)
+        x = torch.randn(7, 6)
+    else:
+        m = QuantConv2d.from_float(nn.Conv2d(3, 4, 3, padding=1), "c", spec, QuantSpec(bits=8), ctx)
+        x = torch.randn(2, 3, 5, 5)
+    rows = layer_input_rows(m, x).double()
+    st = LayerStats(
+        hessian=rows.T @ rows,
+        count=rows.shape[0],
+        bucket_sum=torch.stack([rows.sum(0), rows.sum(0) * 0]),
+        bucket_count=torch.tensor([rows.shape[0], 0]),
+    )
+    assert smoothed_stats(st, m) is st  # not smoothed: unchanged
+    m.set_act_smooth(torch.tensor([0.5, 2.0, 4.0, 1.0, 0.25, 3.0][: x.shape[1]]))
+    srows = layer_input_rows(m, m.smooth_input(x)).double()
+    sst = smoothed_stats(st, m)
+    torch.testing.assert_close(sst.hessian, srows.T @ srows)
+    torch.testing.assert_close(sst.bucket_sum[0], srows.sum(0))
+    # the smoothed weight times the smoothed rows is the float layer
+    torch.testing.assert_close(srows @ m.weight.detach().reshape(4 if kind == "conv" else 5, -1).double().T,
+                               rows @ m._float_weight.reshape(4 if kind == "conv" else 5, -1).double().T)  # fmt: skip
+
+
+def test_smooth_first_rounds_the_smoothed_weights_on_their_grid():
+    cfg = TDQConfig(
+        weight=QuantSpec(bits=4, granularity="per_channel", observer="mse"),
+        weight_rounding=WeightRounding(method="gptq", smooth_first=True),
+        grid=tdq.TimestepGrid(num_buckets=4),
+    )
+    model = tdq.quantize_(tiny_unet2d(), cfg)
+    ref = tiny_unet2d()
+    rep = calibrate_with_rounding(model, _tiny_run(model))
+    assert rep["smooth_first"] and rep["methods_count"].get("gptq", 0) > 0
+    smoothed = [n for n, m in tdq.iter_quant_layers(model) if m._buffers.get("act_smooth") is not None]
+    assert smoothed  # the outlier handling chose smoothing although the rounding is GPTQ
+    for name, m in tdq.iter_quant_layers(model):
+        w = m.weight.detach()
+        assert torch.equal(m.weight_quantizer(w), w), name  # GPTQ codes survived the recalibration
+    assert all(rep["layers"][n]["method"] == "gptq" for n in smoothed)
+    # a smoothed layer keeps its float weight (its float path) while the smoothed weight holds the GPTQ codes
+    ref_w = dict(ref.named_parameters())
+    for n in smoothed:
+        m = model.get_submodule(n)
+        assert torch.equal(m._float_weight, ref_w[n + ".weight"].detach())

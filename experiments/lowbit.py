@@ -334,8 +334,10 @@ def outlier_note(d) -> str:
     diag = tdq.get_quantization(d).outliers
     if diag is None:
         return "off"
-    fb = sum(len(v) for v in diag.fallback.values())
-    return f"smoothed {len(diag.smoothed)}, A16 fallback {fb} cells"
+    smoothed = sum(m._buffers.get("act_smooth") is not None for _, m in tdq.iter_quant_layers(d))
+    fb = sum(int((m.act_quantizer.bits >= 16).sum()) for _, m in tdq.iter_quant_layers(d))
+    cells = sum(m.act_quantizer.num_buckets for _, m in tdq.iter_quant_layers(d))
+    return f"smoothed {smoothed}, A16 cells {fb}/{cells}"
 
 
 def write_markdown(result: dict, path: Path) -> None:

@@ -154,18 +154,21 @@ def collect_paired_stats(
 def recalibrate_(model: nn.Module, run: Callable[[], object], seed: int = 0) -> dict[str, list[int]]:
     """
     Calibrate the activations again without touching the weights: the outlier smoothing already chosen is kept
-    (not re-chosen, which would restore and re-round the weights), the rest of the outlier handling runs.
+    (not re-chosen, which would restore and re-round the weights) and so are the 16-bit fallback cells; the
+    diagnosis (and a clipping search, if configured) runs again.
 
     Returns:
         The buckets filled from neighbours, as `tdq.calibrate` returns them.
     """
     cfg = get_quantization(model).config.outliers
-    old = cfg.smoothing
-    cfg.smoothing = False
+    old = cfg.smoothing, cfg.fallback
+    # the 16-bit fallback cells of the first calibration stay as they are (a second pass would add up to
+    # `max_fallback_fraction` more on top of them)
+    cfg.smoothing, cfg.fallback = False, False
     try:
         return calibrate(model, run, seed=seed)
     finally:
-        cfg.smoothing = old
+        cfg.smoothing, cfg.fallback = old
 
 
 def _rect_sigmoid(v: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ from _common import bootstrap_ci, env_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# name -> (weight bits, act bits, weight observer, rounding method, clip, act_order, corrections)
+# name -> (weight bits, act bits, weight observer, rounding method, clip, act_order, corrections[, extra
+# WeightRounding fields])
 ROWS = {
     "w8a8-nearest": (8, 8, "minmax", "nearest", "observer", False, []),
     "w4a8-nearest-minmax": (4, 8, "minmax", "nearest", "observer", False, []),
@@ -56,6 +57,12 @@ ROWS = {
     "w4a6-gptq": (4, 6, "mse", "gptq", "observer", False, []),
     "w3a8-gptq-actorder": (3, 8, "mse", "gptq", "observer", True, []),
     "w4a6-gptq-actorder": (4, 6, "mse", "gptq", "observer", True, []),
+    "w4a8-adaround": (4, 8, "mse", "adaround", "observer", False, []),
+    "w4a8-adaround-gptqinit": (4, 8, "mse", "adaround", "observer", True, [], {"adaround_init": "gptq"}),
+    "w4a16-adaround": (4, 16, "mse", "adaround", "observer", False, []),
+    "w4a8-gptq-actorder-smooth": (4, 8, "mse", "gptq", "observer", True, [], {"smooth_first": True}),
+    "w4a8-adaround-smooth": (4, 8, "mse", "adaround", "observer", False, [], {"smooth_first": True}),
+    "w4a16-gptq-actorder-smooth": (4, 16, "mse", "gptq", "observer", True, [], {"smooth_first": True}),
 }
 DEFAULT_ORDER = [
     "w4a8-nearest",
@@ -81,6 +88,12 @@ DEFAULT_ORDER = [
     "w4a8-gptq-outmse",
     "w4a8-gptq-bias",
     "w4a8-gptq-ptqd",
+    "w4a8-adaround",
+    "w4a8-adaround-gptqinit",
+    "w4a16-adaround",
+    "w4a8-gptq-actorder-smooth",
+    "w4a8-adaround-smooth",
+    "w4a16-gptq-actorder-smooth",
 ]
 
 
@@ -129,6 +142,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="result stem (default lowbit / lowbit_<model>)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "tdq" / "lowbit"))
     ap.add_argument("--no-fid", action="store_true")
+    ap.add_argument("--rerun", default="", help="comma-separated rows to run again even if finished")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the JSON and exit")
     args = ap.parse_args()
     if args.markdown_only:
@@ -147,8 +161,7 @@ def main() -> None:
         lpips_distance,
         psnr_per_image,
     )
-    from tdq.rounding import apply_weight_rounding, collect_layer_stats
-    from tdq.rounding.corrections import fit_output_correction
+    from tdq.rounding import calibrate_with_rounding, collect_layer_stats
     from tdq.run.models import ModelConfig, load_model
     from tdq.sampling import make_sampler, make_scheduler
 
@@ -243,35 +256,31 @@ def main() -> None:
                 out_json.write_text(json.dumps(result, indent=1))
         return stats
 
+    rerun = {r.strip() for r in args.rerun.split(",") if r.strip()}
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
-        if name in result["rows"]:
+        if name in result["rows"] and name not in rerun:
             print(f"{name}: done (resume)", flush=True)
             continue
-        wb, ab, obs, method, clip, act_order, corrections = ROWS[name]
+        wb, ab, obs, method, clip, act_order, corrections = ROWS[name][:7]
+        extra = ROWS[name][7] if len(ROWS[name]) > 7 else {}
         cfg = TDQConfig(
             weight=QuantSpec(bits=wb, granularity="per_channel", symmetric=True, observer=obs),
             activation=QuantSpec(bits=ab, granularity="per_tensor", symmetric=False, observer="minmax"),
             grid=grid(),
             weight_rounding=WeightRounding(
-                method=method, clip=clip, act_order=act_order, corrections=list(corrections)
+                method=method, clip=clip, act_order=act_order, corrections=list(corrections), **extra
             ),
         )
         mm = fresh()
         d = tdq.quantize_(mm.denoiser, cfg, num_train_timesteps=mm.num_train_timesteps)
         need = method != "nearest" or clip != "observer" or "bias" in corrections
         st = get_stats() if need else None
-        t0 = time.perf_counter()
-        rep = apply_weight_rounding(d, stats=st)
-        fp_weights = rep.pop("_fp_weights", None)
-        t_round = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        tdq.calibrate(d, lambda mm=mm: sampler(mm)(calib_seeds))
-        t_cal = time.perf_counter() - t0
-        ptqd = None
-        if "ptqd" in corrections:
-            t0 = time.perf_counter()
-            _, ptqd = fit_output_correction(d, lambda mm=mm: sampler(mm)(calib_seeds), fp_weights)
-            ptqd["seconds"] = round(time.perf_counter() - t0, 2)
+        # the library path: rounding (and smoothing first, AdaRound, corrections) with the shared FP statistics
+        rep = calibrate_with_rounding(d, lambda mm=mm: sampler(mm)(calib_seeds), stats=st)
+        t_cal = rep["seconds_calibration"]
+        ptqd = rep.get("ptqd")
+        ada = rep.get("adaround")
+        t_round = rep["seconds_total"] - t_cal - (ptqd["seconds"] if ptqd else 0.0)
         t0 = time.perf_counter()
         q = sampler(mm)(eval_seeds).images
         t_sample = time.perf_counter() - t0
@@ -285,6 +294,7 @@ def main() -> None:
             "clip": rep["clip"],
             "act_order": act_order,
             "corrections": list(corrections),
+            "smooth_first": bool(rep.get("smooth_first")),
             "psnr": float(psnr.mean()),
             "psnr_ci95": bootstrap_ci(psnr),
             "lpips_alex": float(lpips.mean()),
@@ -297,6 +307,14 @@ def main() -> None:
         }
         if ptqd is not None:
             row["ptqd"] = ptqd
+        if ada is not None:
+            row["adaround"] = {k: v for k, v in ada.items() if k not in ("layers", "filled_buckets")}
+            row["adaround"]["init"] = cfg.weight_rounding.adaround_init
+            row["adaround_layers"] = {
+                k: {kk: v[kk] for kk in ("rel_output_error_start", "rel_output_error", "binary_fraction")}
+                for k, v in ada["layers"].items()
+            }
+        row["outliers"] = outlier_note(d)
         if inception is not None:
             row["fid_to_fp"] = fid_from_features(fp_feat, extract_features(q, inception))
         result["rows"][name] = row
@@ -307,6 +325,19 @@ def main() -> None:
             flush=True,
         )
     write_markdown(result, RESULTS / f"{stem}.md")
+
+
+def outlier_note(d) -> str:
+    """What the default outlier handling (tdq.outliers) did on this row's model."""
+    import tdq
+
+    diag = tdq.get_quantization(d).outliers
+    if diag is None:
+        return "off"
+    smoothed = sum(m._buffers.get("act_smooth") is not None for _, m in tdq.iter_quant_layers(d))
+    fb = sum(int((m.act_quantizer.bits >= 16).sum()) for _, m in tdq.iter_quant_layers(d))
+    cells = sum(m.act_quantizer.num_buckets for _, m in tdq.iter_quant_layers(d))
+    return f"smoothed {smoothed}, A16 cells {fb}/{cells}"
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -325,18 +356,26 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{_f(result.get('noise_floor_fid_fp_vs_fp'))}; PSNR FP vs FP other seeds = "
         f"{_f(result.get('noise_floor_psnr_fp_vs_fp_other_seeds'))} dB.",
         "",
+        "Column *outliers*: what the default activation-outlier handling (`tdq.outliers`, SmoothQuant smoothing "
+        "only with round-to-nearest weights, 16-bit fallback of the worst (layer, bucket) cells) did; rows marked "
+        "*predates* were measured before that default existed (no handling).",
+        "",
         "| row | W | A | rounding | weight range | PSNR to FP [dB] (95% CI) | LPIPS alex | FID to FP | rounding s | "
-        "act. calib s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "act. calib s | outliers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["rows"].items():
         ro = r["rounding"] + ("+act_order" if r["act_order"] else "")
+        if r.get("smooth_first"):
+            ro += " after smoothing"
+        if "adaround" in r:
+            ro += f" (from {r['adaround']['init']}, {r['adaround']['iters']} it)"
         ro += "".join(f" + {c}" for c in r.get("corrections", []))
         clip = r["clip"] if r["clip"] != "observer" else f"{r['weight_observer']} observer"
         lines.append(
             f"| {name} | {r['weight_bits']} | {r['act_bits']} | {ro} | {clip} | {r['psnr']:.2f} "
             f"({r['psnr_ci95'][0]:.2f}–{r['psnr_ci95'][1]:.2f}) | {r['lpips_alex']:.4f} | {_f(r.get('fid_to_fp'))} "
-            f"| {r['rounding_s']} | {r['activation_calibration_s']} |"
+            f"| {r['rounding_s']} | {r['activation_calibration_s']} | {r.get('outliers', 'predates')} |"
         )
     e = result["env"]
     lines += [

@@ -22,7 +22,8 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 ROUNDINGS = ("nearest", "stochastic")
 OBSERVERS = ("minmax", "percentile", "mse")
 
-WEIGHT_ROUNDING_METHODS = ("nearest", "mse", "gptq")
+WEIGHT_ROUNDING_METHODS = ("nearest", "mse", "gptq", "adaround")
+ADAROUND_INITS = ("nearest", "gptq")
 WEIGHT_CLIPS = ("observer", "weight_mse", "output_mse")
 CORRECTIONS = ("bias", "ptqd")
 
@@ -109,7 +110,9 @@ class WeightRounding:
             `"nearest"` (round to nearest with the observer's range), `"mse"` (per-row clipping search that
             minimises the layer's output error on calibration inputs, then round to nearest) or `"gptq"`
             (second-order column-by-column rounding with each layer's input Hessian from the FP model's
-            calibration run through the real sampler).
+            calibration run through the real sampler) or `"adaround"` (learned up/down rounding per layer that
+            minimises the layer's output error against the FP model with the activation quantizers in the loop,
+            starting from `adaround_init`; see `tdq.rounding.adaround`).
         clip (`str`, *optional*, defaults to `"observer"`):
             Range used by the rounding: `"observer"` (the weight spec's observer), `"weight_mse"` (per-row weight
             MSE search) or `"output_mse"` (per-row output-error search on calibration inputs). `method="mse"` with
@@ -122,6 +125,15 @@ class WeightRounding:
             `"bias"` (per layer, per timestep bucket: remove the mean output error) and `"ptqd"` (at the model
             output, per bucket: divide out the part of the quantization noise correlated with the output and
             remove its mean).
+        smooth_first (`bool`, *optional*, defaults to `False`): calibrate the activations before rounding so the
+            outlier handling's SmoothQuant smoothing (`outliers.smoothing`) is chosen on the unrounded weights, then
+            round the smoothed weights (GPTQ/AdaRound in the smoothed coordinates) and calibrate again keeping that
+            smoothing. Without it, smoothing is off for any rounding but `"nearest"`.
+        adaround_init (`str`, *optional*, defaults to `"nearest"`): AdaRound's starting codes, `"nearest"` or
+            `"gptq"`.
+        adaround_iters (`int`, *optional*, defaults to `500`): AdaRound Adam iterations per layer.
+        adaround_reg (`float`, *optional*, defaults to `10.0`): AdaRound regulariser weight (relative to the
+            starting output error).
     """
 
     method: str = "nearest"
@@ -130,6 +142,10 @@ class WeightRounding:
     act_order: bool = False
     block_size: int = 128
     corrections: list[str] = field(default_factory=list)
+    smooth_first: bool = False
+    adaround_init: str = "nearest"
+    adaround_iters: int = 500
+    adaround_reg: float = 10.0
 
     def validate(self, field_name: str = "weight_rounding") -> None:
         """Raise `ConfigError` naming the field if a value is unsupported."""
@@ -145,8 +161,26 @@ class WeightRounding:
             raise ConfigError(f"{field_name}.damp={self.damp!r} must be a number in (0, 1]")
         if int(self.block_size) != self.block_size or self.block_size < 1:
             raise ConfigError(f"{field_name}.block_size={self.block_size!r} must be a positive integer")
+        if not isinstance(self.smooth_first, bool):
+            raise ConfigError(f"{field_name}.smooth_first={self.smooth_first!r} must be true or false")
         if not isinstance(self.act_order, bool):
             raise ConfigError(f"{field_name}.act_order={self.act_order!r} must be true or false")
+        if self.adaround_init not in ADAROUND_INITS:
+            raise ConfigError(
+                f"{field_name}.adaround_init={self.adaround_init!r} is unknown; choose one of {list(ADAROUND_INITS)}"
+            )
+        if (
+            isinstance(self.adaround_iters, bool)
+            or int(self.adaround_iters) != self.adaround_iters
+            or (self.adaround_iters < 1)
+        ):
+            raise ConfigError(
+                f"{field_name}.adaround_iters={self.adaround_iters!r} must be a positive integer"
+            )
+        if not (isinstance(self.adaround_reg, int | float) and float(self.adaround_reg) >= 0.0):
+            raise ConfigError(
+                f"{field_name}.adaround_reg={self.adaround_reg!r} must be a non-negative number"
+            )
         bad = [c for c in self.corrections if c not in CORRECTIONS]
         if bad:
             raise ConfigError(

@@ -482,8 +482,11 @@ def after_calibration(model: nn.Module) -> OutlierDiagnosis | None:
     # Smoothing rescales the weights (W·s) and re-rounds them to nearest: that would undo a weight rounding such as
     # GPTQ, whose codes were fitted to the unsmoothed inputs. With one, layers are diagnosed (and may fall back to
     # 16 bits) but not smoothed.
-    rounding = getattr(getattr(state.config, "weight_rounding", None), "method", "nearest")
-    may_smooth = cfg.smoothing and rounding == "nearest"
+    wr = getattr(state.config, "weight_rounding", None)
+    rounding = getattr(wr, "method", "nearest")
+    # `weight_rounding.smooth_first`: this calibration runs before the rounding, which then works on the smoothed
+    # weights (tdq.rounding.calibrate_with_rounding)
+    may_smooth = cfg.smoothing and (rounding == "nearest" or bool(getattr(wr, "smooth_first", False)))
     if cfg.smoothing and not may_smooth:
         logger.info(
             "outlier smoothing is off: weight_rounding.method=%r keeps its own weight codes", rounding

@@ -10,6 +10,9 @@ A state directory holds two files:
   model under its usual name, so the state alone rebuilds the model from a randomly initialised skeleton of the
   same architecture; with `include_float=False` it holds only the quantized layers and is loaded on top of a model
   that already has its float weights.
+  Output corrections of `tdq.rounding.corrections` are part of the state: a layer's per-bucket bias correction is
+  its `<layer>.bucket_bias` buffer (`[K, C_out]`), the PTQD-style output correction the tensors
+  `_tdq_output_correction.gain` (`[K]`) and `_tdq_output_correction.bias` (`[K, C]`); loading installs them again.
 - `tdq_config.json`: schema version, `TDQConfig.to_dict()`, the resolved grid, the timestep adapter, the bit
   schedule (per layer weight bits and activation bits `[K]`), the layout of every layer's codes, the source model,
   the tdq version and the sha256 of the safetensors file.
@@ -46,6 +49,13 @@ from tdq.grid import SPACINGS, UNITS, is_real
 from tdq.quant import functional as F
 from tdq.quant.modules import quant_module_class
 from tdq.quant.quantizers import NotCalibratedError, TimestepContext
+from tdq.rounding.corrections import (
+    OUTPUT_CORRECTION_KEY,
+    get_output_correction,
+    install_bias_correction,
+    install_output_correction,
+    remove_bias_correction,
+)
 from tdq.utils.io import atomic_copy, atomic_write, read_json_object, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -222,6 +232,31 @@ def _meta_probe_state(module: nn.Module, name: str, config: TDQConfig, num_bucke
     return {k: (tuple(v.shape), v.dtype) for k, v in qmod.state_dict().items()}
 
 
+def _is_correction(
+    key: str, layer_names: set[str], saved_layers: dict, tensors: dict, num_buckets: int
+) -> bool:
+    """Whether `key` is a saved output correction: a layer's `bucket_bias` (`[K, C_out]`) or the model's PTQD-style
+    output correction (`[K]` gain, `[K, C]` bias); a wrong shape or a non-finite value is an error."""
+    if key.endswith(".bucket_bias") and key[: -len(".bucket_bias")] in layer_names:
+        c = int(saved_layers[key[: -len(".bucket_bias")]]["weight_shape"][0])
+        want = [num_buckets, c]
+    elif key == OUTPUT_CORRECTION_KEY + ".gain":
+        want = [num_buckets]
+    elif key == OUTPUT_CORRECTION_KEY + ".bias":
+        want = [num_buckets, -1]
+    else:
+        return False
+    t = tensors[key]
+    shape = list(t.shape)
+    if len(shape) != len(want) or any(w not in (-1, d) for w, d in zip(want, shape, strict=True)):
+        raise SavedQuantizationError(f"tdq state is corrupted: {key!r} has shape {shape}, expected {want}")
+    if not t.dtype.is_floating_point or not bool(torch.isfinite(t).all()):
+        raise SavedQuantizationError(f"tdq state is corrupted: {key!r} must hold finite floats")
+    if key.endswith(".gain") and not bool((t > 0).all()):
+        raise SavedQuantizationError(f"tdq state is corrupted: {key!r} must hold positive gains")
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,6 +365,15 @@ def save_quantization(
         seen_ptrs.add(ptr)
         tensors[key] = t
 
+    corr = get_output_correction(model)
+    if corr is not None:
+        tensors[OUTPUT_CORRECTION_KEY + ".gain"] = corr.gain.detach().cpu().float().contiguous()
+        tensors[OUTPUT_CORRECTION_KEY + ".bias"] = corr.bias.detach().cpu().float().contiguous()
+    corrections = {
+        "bucket_bias_layers": [n for n, m in layers if m._buffers.get("bucket_bias") is not None],
+        "output_correction": corr is not None,
+    }
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # The pair is replaced as a whole: the new tensors go to a file of their own name, the sidecar switches to it
@@ -360,6 +404,7 @@ def save_quantization(
             "act_bits": [i["act_bits"] for i in layer_info],
         },
         "layers": layer_info,
+        "corrections": corrections,
         "state_file": staged_name,
         "state_sha256": sha256_file(staged),
     }
@@ -688,8 +733,8 @@ def load_quantization(
                 dtype = _codes_dtype(layout)
         if not include_float and layer not in name_set:
             continue
-        if key.endswith(".act_smooth") and layer in name_set and key not in tensors:
-            continue  # optional smoothing buffer: the saved layer is not smoothed
+        if key.endswith((".act_smooth", ".bucket_bias")) and layer in name_set and key not in tensors:
+            continue  # optional smoothing / bias-correction buffer: the saved layer has none
         checked.add(key)
         if key not in tensors:
             raise SavedQuantizationError(
@@ -707,8 +752,20 @@ def load_quantization(
                 f"tdq state is corrupted: codes {key!r} have dtype {t.dtype}, expected {dtype}"
             )
     extra = [
-        k for k in tensors if k not in checked and not _is_act_smooth(k, name_set, saved_layers, tensors)
+        k
+        for k in tensors
+        if k not in checked
+        and not _is_act_smooth(k, name_set, saved_layers, tensors)
+        and not _is_correction(k, name_set, saved_layers, tensors, grid.num_buckets)
     ]
+    has_gain, has_bias = (
+        (OUTPUT_CORRECTION_KEY + ".gain") in tensors,
+        (OUTPUT_CORRECTION_KEY + ".bias") in tensors,
+    )
+    if has_gain != has_bias:
+        raise SavedQuantizationError(
+            f"tdq state is corrupted: the output correction needs both {OUTPUT_CORRECTION_KEY}.gain and .bias"
+        )
     if extra:
         raise SavedQuantizationError(
             f"the saved tdq state does not fit {model_name}: first mismatched layer "
@@ -736,8 +793,13 @@ def load_quantization(
     # 4. build the state dict to load: dequantize the codes in the dtype they were saved from.
     load: dict[str, torch.Tensor] = {}
     codes_for_backend: dict[str, torch.Tensor] = {}
+    corrections: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        if not key.endswith(CODES_SUFFIX):
+        if key.endswith(".bucket_bias") and key[: -len(".bucket_bias")] in name_set:
+            corrections[key[: -len(".bucket_bias")]] = t
+        elif key.startswith(OUTPUT_CORRECTION_KEY + "."):
+            continue
+        elif not key.endswith(CODES_SUFFIX):
             load[key] = t
     modules = dict(model.named_modules())
     for name in names:
@@ -765,14 +827,29 @@ def load_quantization(
     if not quantized:
         quantize_(model, config, adapter=adapter, filter_fn=layer_filter)
     missing, unexpected = model.load_state_dict(load, strict=False)
-    missing = [k for k in missing if k.removesuffix(".weight") not in codes_for_backend]
+    missing = [
+        k
+        for k in missing
+        if k.removesuffix(".weight") not in codes_for_backend and not k.endswith(".bucket_bias")
+    ]
     if unexpected or (include_float and missing):
         raise RuntimeError(  # pragma: no cover - guarded by the checks above
             f"internal error loading tdq state: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    for _, m in iter_quant_layers(model):
+    for name, m in iter_quant_layers(model):
         m._wq_cache = None
         m.act_quantizer.mode = "quant"
+        if name in corrections:
+            install_bias_correction(m, corrections[name].to(m.weight.dtype))
+        else:
+            remove_bias_correction(m)
+    old = get_output_correction(model)
+    if old is not None:
+        old.remove()
+    if has_gain:
+        install_output_correction(
+            model, tensors[OUTPUT_CORRECTION_KEY + ".gain"], tensors[OUTPUT_CORRECTION_KEY + ".bias"]
+        )
     if backend is not None:
         from tdq.quant.backends import to_backend
 

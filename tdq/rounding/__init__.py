@@ -1,17 +1,30 @@
-"""Weight rounding beyond round-to-nearest: clipping search and GPTQ (and output corrections), per layer.
+"""Weight rounding beyond round-to-nearest: clipping search, GPTQ, AdaRound (and output corrections), per layer.
 
 Sits above `tdq.quant` and `tdq.api` and below mixed precision and sampling. Every method leaves a layer's
 weight on its `WeightQuantizer` grid (or leaves rounding to the quantizer), so saved states and integer backends
 see ordinary integer codes.
 """
 
-from tdq.rounding.api import apply_weight_rounding, calibrate_with_rounding
+from tdq.rounding.adaround import (
+    PairedStats,
+    adaround_codes,
+    adaround_layer_,
+    collect_paired_stats,
+    reconstruct_,
+)
+from tdq.rounding.api import apply_weight_rounding, calibrate_with_rounding, finish_adaround_
 from tdq.rounding.calib_stats import LayerStats, collect_layer_stats, layer_input_rows
 from tdq.rounding.clipping import search_clipping_
 from tdq.rounding.gptq import column_grid, gptq_codes, gptq_layer_, output_error, set_weight_codes_
 
 __all__ = [
     "LayerStats",
+    "PairedStats",
+    "adaround_codes",
+    "adaround_layer_",
+    "collect_paired_stats",
+    "finish_adaround_",
+    "reconstruct_",
     "apply_weight_rounding",
     "calibrate_with_rounding",
     "collect_layer_stats",

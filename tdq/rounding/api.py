@@ -19,7 +19,8 @@ from torch import nn
 
 from tdq.api import calibrate, get_quantization, iter_quant_layers
 from tdq.config import WeightRounding
-from tdq.rounding.calib_stats import LayerStats, collect_layer_stats, supports_stats
+from tdq.rounding.adaround import recalibrate_, reconstruct_
+from tdq.rounding.calib_stats import LayerStats, collect_layer_stats, smoothed_stats, supports_stats
 from tdq.rounding.clipping import search_clipping_
 from tdq.rounding.corrections import fit_bias_correction_, fit_output_correction
 from tdq.rounding.gptq import gptq_layer_
@@ -51,7 +52,8 @@ def apply_weight_rounding(
     Returns:
         `dict`: `method`, `clip`, `seconds`, and per layer (`layers`) the rounding that ran and its relative
         output error on the calibration inputs; with `spec.corrections`, also `bias_correction_max_abs` (per
-        layer, when `"bias"` is asked) and `_fp_weights` (the weights before rounding, for the PTQD fit).
+        layer, when `"bias"` is asked) and `_fp_weights` (the weights before rounding, for the PTQD fit); with
+        `method="adaround"`, `_fp_weights` and `_stats` (for `tdq.rounding.adaround.reconstruct_`).
     """
     state = get_quantization(model)
     spec = spec or state.config.weight_rounding
@@ -60,7 +62,9 @@ def apply_weight_rounding(
     clip = spec.clip
     if spec.method == "mse" and clip == "observer":
         clip = "output_mse"
-    need = spec.method == "gptq" or clip == "output_mse" or "bias" in spec.corrections
+    # AdaRound starts from round-to-nearest or GPTQ here; `reconstruct_` learns the rounding after calibration
+    method = spec.adaround_init if spec.method == "adaround" else spec.method
+    need = method == "gptq" or clip == "output_mse" or "bias" in spec.corrections
     if need and stats is None:
         if run is None:
             raise ValueError(
@@ -69,12 +73,17 @@ def apply_weight_rounding(
         stats = collect_layer_stats(model, run)
     t_stats = time.perf_counter() - t0
     fp_weights = (
-        {n: m.weight.detach().clone() for n, m in iter_quant_layers(model)} if spec.corrections else None
+        {n: m.weight.detach().clone() for n, m in iter_quant_layers(model)}
+        if spec.corrections or spec.method == "adaround"
+        else None
     )
     layers: dict[str, Any] = {}
-    for name, m in iter_quant_layers(model):
+    mods = dict(iter_quant_layers(model))
+    for name, m in mods.items():
         entry: dict[str, Any] = {"weight_bits": int(m.weight_quantizer.bits)}
         st = (stats or {}).get(name)
+        if st is not None:  # a layer smoothed by the outlier handling is rounded in its smoothed coordinates
+            st = smoothed_stats(st, m)
         if not m.weight_quantizer.spec.enabled:
             layers[name] = {"method": "float (weights not quantized)"}
             continue
@@ -91,7 +100,7 @@ def apply_weight_rounding(
                 entry["clip_mean_ratio"] = r["mean_ratio"]
         else:
             entry["clip"] = m.weight_quantizer.spec.observer
-        if spec.method == "gptq":
+        if method == "gptq":
             if st is None:
                 entry["method"] = (
                     "nearest (no input statistics)" if supports_stats(m) else "nearest (unsupported)"
@@ -110,9 +119,12 @@ def apply_weight_rounding(
         counts[e["method"]] = counts.get(e["method"], 0) + 1
     extra: dict[str, Any] = {}
     if "bias" in spec.corrections:
-        extra["bias_correction_max_abs"] = fit_bias_correction_(model, stats, fp_weights)
+        sstats = {n: smoothed_stats(st, mods[n]) for n, st in (stats or {}).items() if n in mods}
+        extra["bias_correction_max_abs"] = fit_bias_correction_(model, sstats, fp_weights)
     if fp_weights is not None:
         extra["_fp_weights"] = fp_weights
+    if spec.method == "adaround":
+        extra["_stats"] = stats
     return {
         **extra,
         "method": spec.method,
@@ -126,34 +138,88 @@ def apply_weight_rounding(
     }
 
 
+def finish_adaround_(
+    model: nn.Module,
+    run: Callable[[], object],
+    spec: WeightRounding,
+    fp_weights: dict,
+    stats: dict[str, LayerStats] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """
+    The AdaRound step of `method="adaround"` on a model rounded by `apply_weight_rounding` and calibrated:
+    `tdq.rounding.adaround.reconstruct_` (learned rounding, activation recalibration), then the bias correction
+    is refitted on the new weights when `"bias"` is asked (FP-model `stats`).
+
+    Returns:
+        `dict`: the `reconstruct_` report (with `filled_buckets` of the recalibration).
+    """
+    rep = reconstruct_(
+        model, run, fp_weights, iters=spec.adaround_iters, reg_weight=spec.adaround_reg, seed=seed
+    )
+    if "bias" in spec.corrections and stats is not None:
+        mods = dict(iter_quant_layers(model))
+        sstats = {n: smoothed_stats(st, mods[n]) for n, st in stats.items() if n in mods}
+        rep["bias_correction_max_abs"] = fit_bias_correction_(model, sstats, fp_weights)
+    return rep
+
+
 def calibrate_with_rounding(
-    model: nn.Module, run: Callable[[], object], spec: WeightRounding | None = None, seed: int = 0
+    model: nn.Module,
+    run: Callable[[], object],
+    spec: WeightRounding | None = None,
+    seed: int = 0,
+    *,
+    stats: dict[str, LayerStats] | None = None,
 ) -> dict[str, Any]:
     """
     Weight rounding by `spec` (see `apply_weight_rounding`), then activation calibration with the same `run`.
+
+    With `spec.smooth_first` (and a rounding beyond nearest), the activations are calibrated first on the unrounded
+    weights so the outlier handling can choose its SmoothQuant smoothing, the weights are then rounded in the
+    smoothed coordinates (input statistics transformed accordingly), and the activations are calibrated again with
+    that smoothing kept. Otherwise the weights are rounded first and the outlier handling does not smooth (it would
+    re-round the weights to nearest).
 
     Args:
         model (`nn.Module`): a model quantized by `tdq.quantize_` (activations not yet calibrated).
         run (`Callable[[], object]`): runs the real sampler over `model` on the calibration seeds.
         spec (`WeightRounding`, *optional*): defaults to the model config's `weight_rounding`.
         seed (`int`, *optional*, defaults to `0`): observer seed.
+        stats (`dict[str, LayerStats]`, *optional*): precomputed FP-model input statistics (`collect_layer_stats`).
 
     Corrections in `spec.corrections`: `"bias"` is fitted with the rounding (FP-model statistics), `"ptqd"` after
     activation calibration on a further run of the quantized sampler (see `tdq.rounding.corrections`).
+    `method="adaround"` runs `finish_adaround_` after the calibration.
 
     Returns:
-        `dict`: the rounding report, plus `filled_buckets` from calibration, `ptqd` (if fitted) and
-        `seconds_total`.
+        `dict`: the rounding report, plus `filled_buckets` from calibration, `adaround` and `ptqd` (if run),
+        `seconds_calibration` (activation calibration runs) and `seconds_total`.
     """
     t0 = time.perf_counter()
     state = get_quantization(model)
     spec = spec or state.config.weight_rounding
-    report = apply_weight_rounding(model, run, spec)
+    smooth_first = spec.smooth_first and spec.active
+    t_cal = 0.0
+    if smooth_first:
+        t1 = time.perf_counter()
+        calibrate(model, run, seed=seed)
+        t_cal += time.perf_counter() - t1
+    report = apply_weight_rounding(model, run, spec, stats=stats)
     fp_weights = report.pop("_fp_weights", None)
-    report["filled_buckets"] = calibrate(model, run, seed=seed)
+    stats = report.pop("_stats", None)
+    t1 = time.perf_counter()
+    report["filled_buckets"] = (recalibrate_ if smooth_first else calibrate)(model, run, seed=seed)
+    t_cal += time.perf_counter() - t1
+    if spec.method == "adaround":
+        report["adaround"] = finish_adaround_(model, run, spec, fp_weights, stats, seed=seed)
+        report["filled_buckets"] = report["adaround"].pop("filled_buckets")
+        t_cal += report["adaround"]["seconds_recalibration"]
     if "ptqd" in spec.corrections:
         t1 = time.perf_counter()
         _, report["ptqd"] = fit_output_correction(model, run, fp_weights)
         report["ptqd"]["seconds"] = round(time.perf_counter() - t1, 3)
+    report["smooth_first"] = smooth_first
+    report["seconds_calibration"] = round(t_cal, 3)
     report["seconds_total"] = round(time.perf_counter() - t0, 3)
     return report

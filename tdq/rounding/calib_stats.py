@@ -170,3 +170,24 @@ def collect_layer_stats(
     for st in stats.values():
         st.calls_per_bucket = list(calls)
     return stats
+
+
+def smoothed_stats(st: LayerStats, module: nn.Module) -> LayerStats:
+    """
+    `st` in the coordinates of a smoothed layer (`act_smooth = s`, weight `W * s`, input `x / s`): `H` becomes
+    `D^-1 H D^-1` and the bucket sums `sum / D`, with `D` the per-column factor (`s` repeated over a convolution's
+    kernel positions). The statistics of an unsmoothed layer are returned as they are.
+    """
+    s = module._buffers.get("act_smooth")
+    if s is None:
+        return st
+    w = module.weight
+    d = s.double().to(st.hessian.device).repeat_interleave(w[0, 0].numel() if w.dim() > 2 else 1)
+    inv = 1.0 / d
+    return LayerStats(
+        hessian=st.hessian * inv.unsqueeze(0) * inv.unsqueeze(1),
+        count=st.count,
+        bucket_sum=None if st.bucket_sum is None else st.bucket_sum * inv.unsqueeze(0),
+        bucket_count=st.bucket_count,
+        calls_per_bucket=list(st.calls_per_bucket),
+    )

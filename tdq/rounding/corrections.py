@@ -9,7 +9,9 @@
   correlated part out and removes the mean bias: `eps = (eps_q - b_k) / (1 + k_k)`.
 
 Both run only while the model's timestep hook is active (quantized mode); `tdq.disabled(model)` is unaffected.
-Neither is written by `tdq.serialization.save_quantization` yet: a reloaded model runs without them.
+Both are part of the saved state (`tdq.serialization.save_quantization`): the per-layer biases as the layers'
+`bucket_bias` buffers, the output correction as `OUTPUT_CORRECTION_KEY.gain` / `.bias` tensors; loading installs
+them again (`install_bias_correction`, `install_output_correction`), also on the integer backends.
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ def _bucket_index(ctx, n: int, device) -> torch.Tensor | int | None:
     return b.repeat_interleave(n // b.shape[0]) if n != b.shape[0] else b
 
 
+OUTPUT_CORRECTION_ATTR = "_tdq_output_correction"
+OUTPUT_CORRECTION_KEY = "_tdq_output_correction"  # tensor name prefix in saved states
+
+
 def _bias_hook(module, args, output):
     k = _bucket_index(module.context, output.shape[0], output.device)
     if k is None:
         return output
     bias = module.bucket_bias[k].to(output.dtype)  # [C] or [B, C]
-    if output.dim() > 2 and isinstance(module, nn.Conv2d):  # channels at dim 1
+    is_conv = getattr(module, "is_conv", isinstance(module, nn.Conv2d))  # integer-backend modules say is_conv
+    if output.dim() > 2 and is_conv:  # channels at dim 1
         shape = (-1, bias.shape[-1]) + (1,) * (output.dim() - 2)
         return output + bias.reshape(shape if bias.dim() == 2 else shape[1:])
     if bias.dim() == 2 and output.dim() > 2:  # per-sample bias, linear over [B, ..., C]
@@ -70,14 +77,40 @@ def fit_bias_correction_(
         w_fp = fp_weights[name].reshape(fp_weights[name].shape[0], -1).double()
         w_q = m.weight_quantizer(m.weight.detach()).reshape(w_fp.shape).double()
         bias = -(st.bucket_means().to(w_fp.device) @ (w_q - w_fp).T)  # [K, C_out]
-        bias = bias.to(m.weight.dtype)
-        if hasattr(m, "bucket_bias"):
-            m.bucket_bias.copy_(bias)
-        else:
-            m.register_buffer("bucket_bias", bias)
-            m._tdq_bias_handle = m.register_forward_hook(_bias_hook)
+        install_bias_correction(m, bias.to(m.weight.dtype))
         out[name] = float(bias.abs().max())
     return out
+
+
+@torch.no_grad()
+def install_bias_correction(module: nn.Module, bias: torch.Tensor) -> None:
+    """
+    Set a quantized layer's per-bucket output bias correction (buffer `bucket_bias` `[K, C_out]` plus its forward
+    hook), replacing any previous one.
+
+    Raises `ValueError` naming the layer if the shape does not match its buckets and output channels or a value is
+    not finite.
+    """
+    k = module.act_quantizer.num_buckets
+    c = module.weight_shape[0] if hasattr(module, "weight_shape") else module.weight.shape[0]
+    name = getattr(module, "layer_name", "")
+    if tuple(bias.shape) != (k, c):
+        raise ValueError(f"layer {name!r}: bucket_bias must have shape [{k}, {c}], got {list(bias.shape)}")
+    if not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"layer {name!r}: bucket_bias holds NaN/inf")
+    if module._buffers.get("bucket_bias") is not None:
+        module.bucket_bias = bias.to(module.bucket_bias.device).clone()
+    else:
+        module.register_buffer("bucket_bias", bias.clone())
+    if not any(h is _bias_hook for h in module._forward_hooks.values()):
+        module.register_forward_hook(_bias_hook)
+
+
+def remove_bias_correction(module: nn.Module) -> None:
+    """Remove a layer's per-bucket output bias correction (buffer and hook), if any."""
+    module._buffers.pop("bucket_bias", None)
+    for hid in [i for i, h in module._forward_hooks.items() if h is _bias_hook]:
+        del module._forward_hooks[hid]
 
 
 class OutputCorrection:
@@ -93,7 +126,9 @@ class OutputCorrection:
         self.context = get_quantization(model).context
         self.gain = gain
         self.bias = bias
+        self._model = model
         self._handle = model.register_forward_hook(self._hook)
+        object.__setattr__(model, OUTPUT_CORRECTION_ATTR, self)
 
     def _hook(self, module, args, output):
         eps = (
@@ -118,6 +153,34 @@ class OutputCorrection:
     def remove(self) -> None:
         """Remove the correction."""
         self._handle.remove()
+        if getattr(self._model, OUTPUT_CORRECTION_ATTR, None) is self:
+            object.__delattr__(self._model, OUTPUT_CORRECTION_ATTR)
+
+
+def get_output_correction(model: nn.Module) -> OutputCorrection | None:
+    """The PTQD-style output correction installed on `model`, or `None`."""
+    return getattr(model, OUTPUT_CORRECTION_ATTR, None)
+
+
+def install_output_correction(model: nn.Module, gain: torch.Tensor, bias: torch.Tensor) -> OutputCorrection:
+    """
+    Install a PTQD-style output correction with the given per-bucket `gain` `[K]` and `bias` `[K, C]` (e.g. from a
+    saved state), replacing any installed one.
+
+    Raises `ValueError` if the shapes do not match the model's buckets or a value is not finite or a gain is not
+    positive.
+    """
+    k = get_quantization(model).grid.num_buckets
+    if gain.dim() != 1 or gain.shape[0] != k or bias.dim() != 2 or bias.shape[0] != k:
+        raise ValueError(
+            f"output correction: gain must be [{k}] and bias [{k}, C], got {list(gain.shape)} and {list(bias.shape)}"
+        )
+    if not (bool(torch.isfinite(gain).all()) and bool(torch.isfinite(bias).all()) and bool((gain > 0).all())):
+        raise ValueError("output correction: gains must be finite and positive, biases finite")
+    old = get_output_correction(model)
+    if old is not None:
+        old.remove()
+    return OutputCorrection(model, gain.float().clone(), bias.float().clone())
 
 
 @torch.no_grad()
@@ -213,10 +276,16 @@ def fit_output_correction(
         if k not in acc and seen:
             j = min(seen, key=lambda s: (abs(s - k), s))
             gain[k], bias[k] = gain[j], bias[j]
-    corr = OutputCorrection(model, gain.float(), bias.float())
     report = {
         "gain": [round(float(g), 5) for g in gain],
         "mean_abs_bias": [round(float(b.abs().mean()), 6) for b in bias],
         "calls": [acc[k]["calls"] if k in acc else 0 for k in range(kk)],
     }
+    old = get_output_correction(model)
+    if old is not None:  # fitted on top of an installed correction: compose the two into one
+        g_old, b_old = old.gain.double(), old.bias.double()
+        bias = b_old + g_old.unsqueeze(1) * bias
+        gain = g_old * gain
+        report["composed_with_previous"] = True
+    corr = install_output_correction(model, gain.float(), bias.float())
     return corr, report

@@ -268,6 +268,16 @@ def select_backend(model: nn.Module, capability: dict | None = None) -> str:
     return "simulate"
 
 
+def _carry_extras(old: nn.Module, new: nn.Module) -> None:
+    """Forward hooks and extra buffers of a simulated layer (e.g. `tdq.rounding`'s per-bucket `bucket_bias`
+    correction) move to the real module that replaces it."""
+    for k, v in old._buffers.items():
+        if v is not None and k != "act_smooth" and k not in new._buffers and not hasattr(new, k):
+            new.register_buffer(k, v)
+    for hid, hook in old._forward_hooks.items():
+        new.register_forward_hook(hook, with_kwargs=hid in old._forward_hooks_with_kwargs)
+
+
 def to_backend(
     model: nn.Module, backend: str = "auto", *, codes: dict[str, torch.Tensor] | None = None
 ) -> nn.Module:
@@ -317,6 +327,7 @@ def to_backend(
         with torch.no_grad():
             new, rec = impl.lower(name, m, codes.get(name))
         if new is not m:
+            _carry_extras(m, new)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)

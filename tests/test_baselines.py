@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_evaluate import SMALL, one_thread  # noqa: F401  (fixture)
 from torch import nn
 
 import tdq
 from tdq.run import quantizers
-
-from test_evaluate import SMALL, one_thread  # noqa: F401  (fixture)
 
 
 def _fp_linear_share() -> tuple[float, list[str]]:

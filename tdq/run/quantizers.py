@@ -258,7 +258,8 @@ class QuantizerContext:
 
     @property
     def example_call(self) -> dict[str, Any]:
-        """`dict`: `{"args": ..., "kwargs": ...}` of one real FP denoiser call (the first of the calibration run)."""
+        """`dict`: `{"args": ..., "kwargs": ...}` of one real FP denoiser call (first step of the calibration
+        sampler, first calibration seed), e.g. for tracing or exporting the model."""
         return self.run.fp_call
 
     def take_options(self, **defaults: Any) -> dict[str, Any]:
@@ -590,7 +591,7 @@ def quantizer_markdown(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Quantizer",
         "",
-        f"`{sec['name']}`: {sec.get('description', '')}",
+        f"`{sec['name']}`" + (f": {sec['description']}" if sec.get("description") else ""),
         "",
         f"Quantized Conv/Linear layers: {sec['layers_quantized']} of {sec['layers_total']}; share of their MACs "
         f"quantized: {100 * sec['mac_share_quantized']:.1f} % (weights {100 * sec['mac_share_weights']:.1f} %, "

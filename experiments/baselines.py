@@ -10,7 +10,9 @@ same-seed pairing an exact quantizer scores PSNR inf, LPIPS 0 and FID-to-FP 0; t
 independent FP draw scores.
 
 Bits come from the `quant` preset of each row (`schedule=none`: no mixed precision), so `tdq`, `static` and
-`dynamic-per-token` differ only in how activation ranges are chosen. Rows whose plug-in cannot run here (a missing
+`dynamic-per-token` differ only in how activation ranges are chosen. tdq's outlier handling (on by default: per-layer
+smoothing, shortcut split, 16-bit fallback after calibration) applies to `tdq` and `static` alike; the
+`*-no-outliers` rows turn it off. Rows whose plug-in cannot run here (a missing
 `[baselines]` extra, or `torchao-int4-wo`, which has CUDA kernels only) are recorded with the error message.
 
 Rows are written to the JSON as they finish; a rerun with the same settings skips finished rows (resume). FP
@@ -59,6 +61,10 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "static-w8a6": ("static", ["quant=w8a8", "quant.activation.bits=6"], "W8A6"),
     "dynamic-per-token-w8a6": ("dynamic-per-token", ["quant=w8a8", "quant.activation.bits=6"], "W8A6"),
     "tdq-w4a8": ("tdq", ["quant=w4a8"], "W4A8"),
+    # without tdq's outlier handling (SmoothQuant-style smoothing, shortcut split, 16-bit fallback), which the rows
+    # above apply after calibration, to static as much as to timestep-aware scales
+    "tdq-w8a8-no-outliers": ("tdq", ["quant=w8a8", "quant.outliers.handle=false"], "W8A8"),
+    "static-w8a8-no-outliers": ("static", ["quant=w8a8", "quant.outliers.handle=false"], "W8A8"),
 }
 
 
@@ -95,6 +101,9 @@ def summarize(report: dict) -> dict:
         "layers_total": q["layers_total"],
         "quantized_as": q["quantized_as"],
         "nonfinite_samples": q.get("nonfinite_samples"),
+        "outlier_layers_smoothed": len(report["outliers"]["summary"]["smoothed"])
+        if "outliers" in report
+        else None,
         "scheme": q.get("scheme") or q.get("tdq_config"),
         "library": q.get("library"),
         "timings_s": report.get("timings_s"),
@@ -119,8 +128,14 @@ def main() -> None:
     args = ap.parse_args()
     stem = args.out or ("baselines" if args.model == "mnist-ddpm" else f"baselines_{args.model}")
     out_json = RESULTS / f"{stem}.json"
-    if args.markdown_only:
-        write_markdown(json.loads(out_json.read_text()), out_json.with_suffix(".md"))
+    if args.markdown_only:  # re-read each finished row's report.json (its run dir) for fields added later
+        result = json.loads(out_json.read_text())
+        for name, row in result["rows"].items():
+            rep = Path(args.runs) / stem / name / "report.json"
+            if rep.is_file():
+                row.update(summarize(json.loads(rep.read_text())))
+        _save(result, out_json)
+        write_markdown(result, out_json.with_suffix(".md"))
         return
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -241,11 +256,14 @@ def write_markdown(result: dict, path: Path) -> None:
         "quantizer scores PSNR inf, LPIPS 0, FID-to-FP 0 and drift 0; the noise floor FID "
         f"{_fmt(nf.get('fid_fp_vs_fp_other_seeds'))} is what an *independent* FP draw (seeds {nf.get('seeds')}) "
         "scores against the FP set, i.e. the scale on which FID-to-FP differences are visible. MACs: share of the "
-        "denoiser's Conv/Linear multiply-accumulates in layers the quantizer quantized (weights / inputs).",
+        "denoiser's Conv/Linear multiply-accumulates in layers the quantizer quantized (weights / inputs). "
+        "smoothed: layers whose input outliers tdq's outlier handling smoothed after calibration (tdq-based rows; "
+        "it applies to `static` as much as to timestep-aware scales, so `static` here is static PTQ *with* "
+        "SmoothQuant-style smoothing where a layer needs it).",
         "",
         "| row | quantizer | bits | PSNR to FP [dB] (95% CI) | LPIPS alex (95% CI) | FID to FP | noise floor FID "
-        "| final drift | MACs quantized W / A | layers | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| final drift | MACs quantized W / A | layers | smoothed | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         pc, lc = r.get("psnr_ci95") or [None, None], r.get("lpips_alex_ci95") or [None, None]
@@ -255,7 +273,8 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {_fmt(r['lpips_alex'], 4)} ({_fmt(lc[0], 4)}–{_fmt(lc[1], 4)}) | {_fmt(r['fid_to_fp'], 1)} "
             f"| {_fmt(r['noise_floor_fid_fp_vs_fp'], 1)} | {_fmt(r['drift_final'], 4)} "
             f"| {100 * r['mac_share_weights']:.1f} % / {100 * r['mac_share_activations']:.1f} % "
-            f"| {r['layers_quantized']}/{r['layers_total']} | {r['seconds']} |"
+            f"| {r['layers_quantized']}/{r['layers_total']} | {_fmt(r.get('outlier_layers_smoothed'), 0)} "
+            f"| {r['seconds']} |"
         )
     if result.get("unavailable"):
         lines += ["", "Rows that did not run here:", ""]

@@ -628,7 +628,7 @@ def _tdq_with(ctx: QuantizerContext, model: nn.Module, config: TDQConfig) -> nn.
 
 @register_quantizer("tdq")
 def tdq_quantizer(model: nn.Module, ctx: QuantizerContext) -> nn.Module:
-    """tdq, timestep-aware: the `quant` config, one activation scale per timestep bucket (no precision schedule)."""
+    """tdq, timestep-aware: the `quant` config, one activation scale per timestep bucket."""
     # `tdq run quantizer=tdq` runs the stages profile/plan/quantize/calibrate instead (with the schedule); this
     # function is the same quantization for callers that hold a quantizer function (`tdq.evaluate`).
     ctx.take_options()

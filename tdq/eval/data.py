@@ -143,8 +143,16 @@ def distribution_metrics(
 
     Returns:
         `dict`: ``fid``, ``kid_mean``, ``kid_std``, ``kid_subset_size``, ``kid_subsets``, ``num_real``, ``num_fake``.
+        Feature rows with NaN/inf make ``fid`` and ``kid_*`` NaN and add ``nonfinite_feature_rows`` (their count).
     """
     out: dict[str, Any] = {"num_real": int(real.shape[0]), "num_fake": int(fake.shape[0])}
+    bad = int((~torch.isfinite(real)).any(1).sum()) + int((~torch.isfinite(fake)).any(1).sum())
+    if bad:  # NaN/inf images (a broken quantizer): the distance is undefined, reported as NaN, never dropped
+        nan = float("nan")
+        sub = min(kid_subset_size, int(real.shape[0]), int(fake.shape[0]))
+        out.update(fid=nan, kid_mean=nan, kid_std=nan, kid_subset_size=sub, kid_subsets=kid_subsets)
+        out["nonfinite_feature_rows"] = bad
+        return out
     out["fid"] = frechet_distance(real, fake)
     out.update(kid_from_features(real, fake, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed))
     return out

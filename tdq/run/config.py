@@ -15,7 +15,14 @@ from tdq.quant.backends import BACKENDS
 from tdq.run.models import ModelConfig
 from tdq.sampling.noise import SCHEDULERS
 
-__all__ = ["CalibrationConfig", "EvalConfig", "RunConfig", "ScheduleConfig", "to_run_config"]
+__all__ = [
+    "CalibrationConfig",
+    "EvalConfig",
+    "QuantizerConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "to_run_config",
+]
 
 
 @dataclass
@@ -82,6 +89,32 @@ class ScheduleConfig:
         )
         check_field(self.occupancy, f"{prefix}.occupancy", "bool")
         check_field(self.uniform_fallback, f"{prefix}.uniform_fallback", "bool")
+
+
+@dataclass
+class QuantizerConfig:
+    r"""
+    Which quantizer a run applies to the denoiser (config group `quantizer`, registry `tdq.run.quantizers`).
+
+    Args:
+        name (`str`, *optional*, defaults to `"tdq"`): a registered quantizer (`tdq`: timestep-aware tdq with the
+            `quant` config, sensitivity profile and precision `schedule`; `static`, `dynamic-per-token`, `quanto-*`,
+            `torchao-*`: baselines, see `tdq.run.quantizers.available_quantizers()`) or `"package.module:function"`.
+        options (`dict`, *optional*): keyword options of the quantizer (e.g. `{"group_size": 64}`).
+    """
+
+    name: str = "tdq"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, prefix: str = "quantizer") -> None:
+        """Raise `ConfigError` naming the first field that is not allowed (names are checked by the registry)."""
+        check_field(self.name, f"{prefix}.name", "str")
+        if not self.name:
+            raise ConfigError(f"{prefix}.name is empty; name a registered quantizer")
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            raise ConfigError(
+                f"{prefix}.options={self.options!r} must be a mapping of option names to values"
+            )
 
 
 @dataclass
@@ -209,7 +242,8 @@ def _check_sampler_fields(section, prefix: str) -> None:
 @dataclass
 class RunConfig:
     r"""
-    Everything `tdq run` does, as a Hydra structured config (groups: model, quant, schedule, calibration, eval).
+    Everything `tdq run` does, as a Hydra structured config (groups: model, quant, schedule, calibration, eval,
+    quantizer).
 
     Args:
         model (`ModelConfig`): which model.
@@ -224,6 +258,7 @@ class RunConfig:
         backend (`str`, *optional*, defaults to `"simulate"`): where the quantized model runs after calibration:
             `"simulate"` (fake quantization) or a real backend of `tdq.to_backend` (`"auto"`, `"x86"`, ...); the
             quality metrics are then those of that backend, and the report gains a `backend` section.
+        quantizer (`QuantizerConfig`): which quantizer (`tdq` by default; baselines are plug-ins).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -235,6 +270,7 @@ class RunConfig:
     progress: bool = True
     threads: int = 0
     backend: str = "simulate"
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def validate(self) -> None:
         """Check every section; raise `ConfigError` naming the first field that is not allowed."""
@@ -250,6 +286,9 @@ class RunConfig:
         check_field(self.progress, "progress", "bool")
         check_field(self.threads, "threads", "int", lo=0, hi=4096)
         check_field(self.backend, "backend", "choice", choices=("auto", *sorted(BACKENDS)))
+        if not isinstance(self.quantizer, QuantizerConfig):
+            raise ConfigError("quantizer must be a QuantizerConfig or a mapping")
+        self.quantizer.validate("quantizer")
 
 
 def to_run_config(cfg: Any) -> RunConfig:
@@ -278,6 +317,7 @@ def to_run_config(cfg: Any) -> RunConfig:
         schedule=_dataclass_from_dict(ScheduleConfig, data.get("schedule", {}), "schedule"),
         calibration=_dataclass_from_dict(CalibrationConfig, data.get("calibration", {}), "calibration"),
         eval=_dataclass_from_dict(EvalConfig, data.get("eval", {}), "eval"),
+        quantizer=_dataclass_from_dict(QuantizerConfig, data.get("quantizer", {}), "quantizer"),
         **{k: v for k, v in data.items() if k in ("device", "progress", "threads", "backend")},
     )
 

@@ -80,6 +80,11 @@ class RunContext:
         schedule (`PrecisionSchedule`, *optional*): the precision schedule (stage `plan`).
         example_call (*optional*): one recorded denoiser call of the calibration run (stage `calibrate`), on which
             the `backend` stage times FP32 against the real backend.
+        quantizer (`Callable`, *optional*): a quantizer function `(model, QuantizerContext) -> model` given to
+            `run_experiment` / `tdq.evaluate`; `None` takes `cfg.quantizer.name` from the registry
+            (`tdq.run.quantizers`).
+        fp_call (`dict`, *optional*): one FP denoiser call `{"args", "kwargs"}` (stage `quantize`, before quantizing).
+        layer_macs (`dict[str, int]`, *optional*): MACs per Conv/Linear layer of the FP denoiser in `fp_call`.
         q (`SampleResult`, *optional*): quantized samples of the evaluation seeds (stage `sample`).
         q_feats (`dict[str, torch.Tensor]`): their features.
         metrics (`dict`): the paired and distribution metrics (stage `evaluate`; merged into the report's top level).
@@ -120,6 +125,10 @@ class RunContext:
     schedule: PrecisionSchedule | None = None
     # calibrate: one recorded denoiser call (the backend stage times FP32 against the backend on it)
     example_call: Any = None
+    # quantize: the quantizer plug-in, one FP call and the MACs of every Conv/Linear layer in it
+    quantizer: Any = None
+    fp_call: dict[str, Any] | None = None
+    layer_macs: dict[str, int] | None = None
     # sample
     q: SampleResult | None = None
     q_feats: dict[str, torch.Tensor] = field(default_factory=dict)

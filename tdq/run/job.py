@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tdq.eval.distributed import get_distributed
-from tdq.run import stages
+from tdq.run import quantizers, stages
 from tdq.run.config import CalibrationConfig, EvalConfig, RunConfig, ScheduleConfig, to_run_config
 from tdq.run.context import RunContext
 from tdq.run.report import write_config
@@ -21,7 +21,7 @@ from tdq.run.report import write_config
 __all__ = ["CalibrationConfig", "EvalConfig", "RunConfig", "ScheduleConfig", "run_experiment"]
 
 
-def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
+def run_experiment(cfg: RunConfig | Any, run_dir: str | Path, quantizer: Any = None) -> dict[str, Any]:
     """
     Run the main job and write the run directory.
 
@@ -47,15 +47,21 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
     `tdq.eval.distributed`); profiling and calibration run on every process (the main process's schedule and
     calibrated scales are broadcast), metrics and all files are computed and written by the main process only.
 
+    The denoiser is quantized by `cfg.quantizer` (`tdq`: the stages profile → plan → quantize → calibrate; any
+    other registered quantizer of `tdq.run.quantizers` replaces them in stage `quantize`) or by `quantizer`.
+
     Args:
         cfg (`RunConfig` or Hydra `DictConfig`): the run config.
         run_dir (`str` or `Path`): output directory.
+        quantizer (`Callable`, *optional*): a quantizer function `(model, QuantizerContext) -> model` used instead
+            of `cfg.quantizer` (see [`tdq.evaluate`]).
 
     Returns:
         `dict`: the report (as in `report.json`) on the main process, `{}` on the others.
     """
     cfg = to_run_config(cfg)
     cfg.validate()
+    quantizers.resolve_quantizer(cfg, quantizer)  # unknown name / missing extra: fail before loading anything
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = get_distributed(cpu=cfg.device == "cpu")
@@ -69,6 +75,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path) -> dict[str, Any]:
         dist=dist,
         device=dist.resolve_device(cfg.device),
         progress=cfg.progress and dist.is_main,
+        quantizer=quantizer,
     )
     # collective stages on every process, then the main-only ones (metrics, report) on the main process
     for stage in stages.STAGES:  # looked up at call time: the list may be edited or replaced

@@ -25,6 +25,7 @@ import torch
 
 from tdq.run.config import RunConfig
 from tdq.run.context import RunContext
+from tdq.run.quantizers import quantizer_markdown
 from tdq.sampling import LatentDiffusionSampler, SampleResult
 
 __all__ = [
@@ -483,6 +484,7 @@ def _outliers_markdown(report: dict[str, Any]) -> list[str]:
 
 
 MARKDOWN_SECTIONS: list[Callable[[dict[str, Any]], list[str]]] = [
+    quantizer_markdown,
     _schedule_markdown,
     _backend_markdown,
     _outliers_markdown,

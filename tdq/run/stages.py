@@ -47,6 +47,7 @@ from tdq.eval.reference import (
 from tdq.outliers import report_section as outlier_report_section
 from tdq.outliers import reset_runtime_counters
 from tdq.quant.backends import backend_report, record_call
+from tdq.run import quantizers
 from tdq.run.context import RunContext
 from tdq.run.models import load_model
 from tdq.run.report import (
@@ -216,7 +217,7 @@ def profile(ctx: RunContext) -> None:
     from tdq.mixed_precision.fisher import profile_sensitivity
 
     cfg, m = ctx.cfg, ctx.model
-    if cfg.schedule.planner == "none":
+    if cfg.schedule.planner == "none" or not quantizers.uses_tdq_stages(ctx):
         return
     with ctx.timer("fp_sampling_for_profile"):
         # latent models: the FP model's own final latents (the trajectory's last entry), with their conditioning
@@ -270,7 +271,7 @@ def plan(ctx: RunContext) -> None:
     from tdq.mixed_precision.planners import PrecisionBudget, plan_precision, plan_uniform
 
     cfg = ctx.cfg
-    if cfg.schedule.planner == "none":
+    if cfg.schedule.planner == "none" or not quantizers.uses_tdq_stages(ctx):
         return
     with ctx.timer("plan"):
         sc = cfg.schedule
@@ -301,8 +302,16 @@ def plan(ctx: RunContext) -> None:
 
 
 def quantize(ctx: RunContext) -> None:
-    """Quantize the denoiser in place with `cfg.quant` and apply the schedule (if any)."""
+    """
+    Quantize the denoiser in place with `cfg.quant` and apply the schedule (if any); with another quantizer
+    (`cfg.quantizer`, `ctx.quantizer`), apply that instead (it calibrates itself). Both first count the MACs of the
+    FP denoiser's Conv/Linear layers on one real call (the report's `quantizer` section).
+    """
     m = ctx.model
+    quantizers.measure_fp_macs(ctx)
+    if not quantizers.uses_tdq_stages(ctx):
+        quantizers.apply_quantizer(ctx)
+        return
     with ctx.timer("quantize"):
         tdq.quantize_(m.denoiser, ctx.cfg.quant, num_train_timesteps=m.num_train_timesteps)
         if ctx.schedule is not None:
@@ -312,6 +321,9 @@ def quantize(ctx: RunContext) -> None:
 def calibrate(ctx: RunContext) -> None:
     """Calibrate through the real calibration sampler; the main process's quantizer buffers are synchronized."""
     from tdq.rounding import calibrate_with_rounding
+
+    if not quantizers.uses_tdq_stages(ctx):  # the quantizer plug-in calibrated in stage `quantize`
+        return
 
     def run():
         ctx.sampler(ctx.cfg.calibration, trajectory=False)(ctx.calib_seeds, desc="calibration")
@@ -325,6 +337,10 @@ def calibrate(ctx: RunContext) -> None:
         reset_runtime_counters(ctx.model.denoiser)  # count run-time range violations of the evaluation only
     ctx.example_call = example_call
     ctx.sections["weight_rounding"] = {k: v for k, v in rounding.items() if k != "filled_buckets"}
+    planner = ctx.cfg.schedule.planner if ctx.schedule is not None else "none"
+    ctx.sections["quantizer"] = quantizers.quantizer_section(
+        ctx, quantizers.get_quantizer("tdq"), {"schedule": planner}
+    )
 
 
 def backend(ctx: RunContext) -> None:
@@ -339,9 +355,13 @@ def sample(ctx: RunContext) -> None:
     """Quantized samples of the evaluation seeds and their features."""
     with ctx.timer("quant_sampling"):
         ctx.q = ctx.dist.sample(ctx.sampler(ctx.cfg.eval), ctx.eval_seeds, desc="quantized")
-    outliers = outlier_report_section(ctx.model.denoiser)  # diagnosis + run-time counters of this sampling
-    if outliers is not None:
-        ctx.sections["outliers"] = outliers
+    if hasattr(ctx.model.denoiser, tdq.api.QUANTIZATION_ATTR):  # a model quantized by tdq (not a baseline)
+        outliers = outlier_report_section(
+            ctx.model.denoiser
+        )  # diagnosis + run-time counters of this sampling
+        if outliers is not None:
+            ctx.sections["outliers"] = outliers
+    quantizers.record_nonfinite(ctx)
     with ctx.timer("quant_features"):
         ctx.q_feats = {
             key: ctx.dist.extract_features(

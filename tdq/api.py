@@ -25,6 +25,7 @@ from tdq.config import TDQConfig
 from tdq.errors import ConfigError
 from tdq.grid import TimestepGrid, is_int
 from tdq.hooks import TimestepHook
+from tdq.quant.attention import iter_attention_quantizers, quantize_attention_
 from tdq.quant.modules import QuantMixin, quant_module_class
 from tdq.quant.quantizers import TimestepContext
 
@@ -142,6 +143,9 @@ def quantize_(
         # the new quantizer submodules follow the layer's train/eval mode (stochastic rounding only in training)
         qmod.train(float_mod.training)
         setattr(parent, child, qmod)
+    if config.attention:
+        done = quantize_attention_(model, config.activation, context, config.selects)
+        logger.info("quantized the attention matmuls of %d attention module(s)", len(done))
     state = QuantizationInfo(
         config=config, grid=grid, adapter=adapter, context=context, filtered=filter_fn is not None
     )
@@ -227,16 +231,21 @@ def prepare(model: nn.Module, seed: int = 0) -> None:
     attach_stats(model, seed=seed)
     for i, (_, m) in enumerate(layers):
         m.act_quantizer.start_observing(seed=seed + 1000 * i)
+    for i, (_, q) in enumerate(iter_attention_quantizers(model), start=len(layers)):
+        if q.needs_init:
+            q.reset_()
+        q.start_observing(seed=seed + 1000 * i)
 
 
 def _abort_calibration(model: nn.Module) -> None:
     """Leave every activation quantizer in a defined state after a failed calibration: observers dropped, quant
     mode; layers that were not converted keep their previous scales (none on a first calibration, so using them
     raises `NotCalibratedError`)."""
-    for _, m in iter_quant_layers(model):
-        m.act_quantizer.observers = None
-        m.act_quantizer.stats = None
-        m.act_quantizer.mode = "quant"
+    quantizers = [m.act_quantizer for _, m in iter_quant_layers(model)]
+    for q in quantizers + [q for _, q in iter_attention_quantizers(model)]:
+        q.observers = None
+        q.stats = None
+        q.mode = "quant"
 
 
 def convert(model: nn.Module) -> dict[str, list[int]]:
@@ -256,6 +265,10 @@ def convert(model: nn.Module) -> dict[str, list[int]]:
     try:
         for name, m in iter_quant_layers(model):
             f = m.act_quantizer.finish_observing()
+            if f:
+                filled[name] = f
+        for name, q in iter_attention_quantizers(model):
+            f = q.finish_observing()
             if f:
                 filled[name] = f
     except BaseException:

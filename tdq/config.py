@@ -254,6 +254,10 @@ class TDQConfig:
             (on by default).
         weight_rounding (`WeightRounding`, *optional*): rounding method and output corrections (`tdq.rounding`);
             defaults to round-to-nearest without corrections.
+        attention (`bool`, *optional*, defaults to `False`):
+            Also quantize the inputs of the attention matmuls (`Q K^T` and `softmax V`) of selected diffusers
+            `Attention` modules: symmetric Q, K, V and unsigned softmax probabilities on `[0, max P]`, one scale per
+            timestep bucket, at the activation bit-width (`tdq.quant.attention`).
         version (`int`, *optional*): schema version of this config.
 
     Every `include`, `exclude` and `overrides` pattern must match at least one quantizable layer of the model
@@ -269,6 +273,7 @@ class TDQConfig:
     check_finite: bool = False
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     weight_rounding: WeightRounding = field(default_factory=WeightRounding)
+    attention: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -340,6 +345,7 @@ class TDQConfig:
                 )
             ov.validate(f"overrides[{key!r}]")
         check_bool(self.check_finite, "check_finite")
+        check_bool(self.attention, "attention")
         self.outliers.validate("outliers")
         if not isinstance(self.weight_rounding, WeightRounding):
             raise ConfigError(

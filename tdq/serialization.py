@@ -47,6 +47,7 @@ from tdq.config import ACT_BITS, GRANULARITIES, WEIGHT_BITS, TDQConfig
 from tdq.errors import ConfigError
 from tdq.grid import SPACINGS, UNITS, is_real
 from tdq.quant import functional as F
+from tdq.quant.attention import attention_state_keys, is_attention_quantizer_key, iter_attention_quantizers
 from tdq.quant.modules import quant_module_class
 from tdq.quant.quantizers import NotCalibratedError, TimestepContext
 from tdq.rounding.corrections import (
@@ -307,6 +308,13 @@ def save_quantization(
                 "`tdq.calibration(model)` before saving"
             )
 
+    for qname, q in iter_attention_quantizers(model):
+        if q.needs_init or q.mode == "observe" or not bool(q.calibrated.all()):
+            raise NotCalibratedError(
+                f"attention quantizer {qname!r} is not calibrated; run the sampler inside `tdq.calibration(model)` "
+                "before saving"
+            )
+
     tensors: dict[str, torch.Tensor] = {}
     layer_info: list[dict[str, Any]] = []
     mismatched = []
@@ -356,7 +364,11 @@ def save_quantization(
     for key, value in model.state_dict().items():
         if key in coded:
             continue
-        if not include_float and _layer_of_key(key, layer_names) not in layer_names:
+        if (
+            not include_float
+            and _layer_of_key(key, layer_names) not in layer_names
+            and not is_attention_quantizer_key(key)
+        ):
             continue
         t = value.detach().cpu().contiguous()
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
@@ -634,6 +646,8 @@ def _expected_state(
                 sd.update({f"{owner}.{k}": v for k, v in sub.items()})
             continue
         sd[key] = (tuple(value.shape), value.dtype)
+    if config.attention:
+        sd.update(attention_state_keys(model, config.selects, num_buckets))
     return names, sd
 
 
@@ -731,7 +745,7 @@ def load_quantization(
                 key = layer + CODES_SUFFIX
                 shape = _codes_shape(layout, int(info["code_rows"]), int(info["code_cols"]))
                 dtype = _codes_dtype(layout)
-        if not include_float and layer not in name_set:
+        if not include_float and layer not in name_set and not is_attention_quantizer_key(key):
             continue
         if key.endswith((".act_smooth", ".bucket_bias")) and layer in name_set and key not in tensors:
             continue  # optional smoothing / bias-correction buffer: the saved layer has none
@@ -850,6 +864,9 @@ def load_quantization(
         install_output_correction(
             model, tensors[OUTPUT_CORRECTION_KEY + ".gain"], tensors[OUTPUT_CORRECTION_KEY + ".bias"]
         )
+    for _, q in iter_attention_quantizers(model):
+        q.mode = "quant"
+        q._params = None
     if backend is not None:
         from tdq.quant.backends import to_backend
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tdq.quant.attention import iter_attention_processors
 from tdq.quant.backends.base import (
     BackendError,
     BackendState,
@@ -79,6 +80,10 @@ class Backend:
 
     def check(self, model: nn.Module, capability: dict) -> None:
         """Raise `BackendError` if this backend cannot run here."""
+
+    def attention_kernel(self, capability: dict) -> tuple[str, str]:
+        """`(kernel, reason)` for the matmuls of quantized attention processors (`"simulate"`: float arithmetic)."""
+        return "simulate", f"no {self.name} attention kernel: the simulator's float arithmetic"
 
     def lowering_for(self, cls: type) -> Lowering | None:
         """The lowering registered for `cls` or its nearest base class."""
@@ -140,6 +145,9 @@ class SimulateBackend(Backend):
 
     name = "simulate"
 
+    def attention_kernel(self, capability):
+        return "simulate", ""
+
     def lower(self, name, module, codes):
         if codes is not None:
             return _keep_simulated(module, codes, "")
@@ -189,6 +197,12 @@ class X86Backend(Backend):
             )
         if any(p.is_cuda for p in model.parameters()):
             raise BackendError("backend 'x86' runs on the CPU; the model is on CUDA (use backend='cuda')")
+
+    def attention_kernel(self, capability):
+        # torch._int_mm is fast on VNNI/AMX CPUs and a slow reference kernel elsewhere (25-60x FP32 on AVX2)
+        if capability.get("avx512_vnni") or capability.get("amx_int8"):
+            return "aten._int_mm", ""
+        return "simulate", "torch._int_mm has no fast kernel without AVX-512 VNNI or AMX: float arithmetic"
 
 
 # ---------------------------------------------------------------------------------------------------- weight-only
@@ -317,6 +331,13 @@ def to_backend(
                 f"layer {name!r}: activation quantizer is not calibrated; calibrate (tdq.calibration) before "
                 "tdq.to_backend"
             )
+    for name, proc in iter_attention_processors(model):
+        for qname, q in proc.quantizers():
+            if q.mode == "observe" or not bool(q.calibrated.all()):
+                raise NotCalibratedError(
+                    f"attention {name!r}: {qname} is not calibrated; calibrate (tdq.calibration) before "
+                    "tdq.to_backend"
+                )
     cap = get_cpu_capability()
     name_ = select_backend(model, cap) if backend == "auto" else backend
     impl = BACKENDS[name_]()
@@ -334,8 +355,13 @@ def to_backend(
         state.layers[name] = rec
         if rec.reason:
             logger.info("backend %s: layer %r runs %s (%s)", name_, name, rec.kernel, rec.reason)
+    kernel, why = impl.attention_kernel(cap)
+    for name, proc in iter_attention_processors(model):
+        proc.kernel = kernel
+        state.attention[name] = LayerRecord(kernel, why, "none")
     object.__setattr__(model, BACKEND_ATTR, state)
     counts = Counter(r.kernel for r in state.layers.values())
+    counts.update("attention:" + r.kernel for r in state.attention.values())
     logger.info("backend %s (asked %r): %s", name_, backend, dict(counts))
     return model
 
@@ -374,17 +400,26 @@ def backend_info(model: nn.Module) -> dict:
 
     Returns:
         `dict` with `backend` (`"simulate"` for a model never converted), `requested`, `capability`,
-        `kernels` (kernel -> number of layers), `layers` (name -> `{kernel, reason, storage}`) and `resident_bytes`.
+        `kernels` (kernel -> number of layers; quantized attention processors count as `"attention:<kernel>"`),
+        `layers` (name -> `{kernel, reason, storage}`), `attention` (processor name -> the same) and
+        `resident_bytes`.
     """
     state = getattr(model, BACKEND_ATTR, None)
     if state is None:
         layers = {n: LayerRecord("simulate") for n, m in model.named_modules() if isinstance(m, QuantMixin)}
-        state = BackendState("simulate", "simulate", get_cpu_capability(), layers)
+        attention = {n: LayerRecord("simulate") for n, _ in iter_attention_processors(model)}
+        state = BackendState("simulate", "simulate", get_cpu_capability(), layers, attention)
     return {
         "backend": state.name,
         "requested": state.requested,
         "capability": state.capability,
-        "kernels": dict(Counter(r.kernel for r in state.layers.values())),
+        "kernels": dict(
+            Counter(
+                [r.kernel for r in state.layers.values()]
+                + ["attention:" + r.kernel for r in state.attention.values()]
+            )
+        ),
         "layers": {n: r.to_dict() for n, r in state.layers.items()},
+        "attention": {n: r.to_dict() for n, r in state.attention.items()},
         "resident_bytes": resident_bytes(model),
     }

@@ -57,12 +57,15 @@ class BackendState:
         requested (`str`): what the caller asked for (`"auto"` or a name).
         capability (`dict`): `get_cpu_capability()` at conversion time.
         layers (`dict[str, LayerRecord]`): per quantized layer.
+        attention (`dict[str, LayerRecord]`): per quantized attention processor (`TDQConfig.attention`), the
+            kernel of its two matmuls.
     """
 
     name: str
     requested: str
     capability: dict
     layers: dict[str, LayerRecord] = field(default_factory=dict)
+    attention: dict[str, LayerRecord] = field(default_factory=dict)
 
 
 def weight_rows(qmod: QuantMixin, codes: torch.Tensor | None = None) -> torch.Tensor:

@@ -55,6 +55,10 @@ def quantize_u8(x: torch.Tensor, scale: float, inv: float, zp: int, lo: int, hi:
     return x.mul(inv).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
 
 
+# Whether int8 convolutions return oneDNN's channels-last output as it is (default) or convert it to the input's
+# memory format; per module as `X86Int8Module.keep_channels_last`.
+KEEP_CHANNELS_LAST = True
+
 _ZEROS: dict[int, torch.Tensor] = {}
 
 
@@ -105,6 +109,7 @@ class X86Int8Module(RealQuantModule):
             packed = torch.ops.onednn.qlinear_prepack(q, None)
         self.register_buffer("packed_weight", packed, persistent=False)
         self._kparams = None
+        self.keep_channels_last = KEEP_CHANNELS_LAST
 
     def dequantized_weight(self) -> torch.Tensor:
         """The simulator's fake-quantized weight, rebuilt from the packed codes."""
@@ -158,9 +163,11 @@ class X86Int8Module(RealQuantModule):
                 [],
                 "",
             )
-            # the input's memory format, as F.conv2d: downstream float ops then compute exactly as in the simulator
-            # (a different layout changes their summation order, and quantization amplifies such differences)
-            return out.contiguous() if nchw else out
+            # oneDNN writes channels-last. Converting back to NCHW costs ~2/3 of the int8 conv itself (a strided
+            # float copy), so by default the output stays channels-last: the next int8 conv then needs no input
+            # copy, and the float ops between (GroupNorm, SiLU, adds) keep the layout. Their summation order then
+            # differs from the simulator's NCHW kernels at the last bit (see experiments/results/backend_psnr.md).
+            return out.contiguous() if nchw and not self.keep_channels_last else out
         return torch.ops.onednn.qlinear_pointwise(
             xq.contiguous(),
             scale_f,

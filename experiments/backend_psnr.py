@@ -5,11 +5,13 @@ for every seed in each variant. PSNR (samples clamped to [-1, 1], peak-to-peak 2
 the seeds and per seed (min, median, bootstrap CI of the mean).
 
 Rows:
-- `fp32 nchw vs channels_last`: the float model run in two memory formats (same math, another float summation
-  order): how much the float model itself moves.
-- `simulate nchw vs channels_last`: the same for the simulated W8A8 model: the noise floor of a quantized model,
-  whose rounding discontinuities amplify last-bit differences; no backend can agree with the simulator better
-  than this without reproducing its float summation order.
+- `simulate vs fp32`, `x86 vs fp32`: quality of the quantized model, simulated and on int8 kernels.
+- `simulate vs simulate, x_T nudged by 1 ulp`: the simulator against itself with every initial-noise value moved
+  by one float32 ulp: how far last-bit differences carry through a quantized sampler (a rounding boundary crossed
+  once flips one activation code, which flips more codes in the next layers).
+- `simulate vs simulate, every layer output nudged by 1 ulp`: the same with each quantized layer's output moved by
+  one ulp on every call: last-bit differences at every layer and step, as a real kernel's different summation
+  order makes them (the floor no backend without the simulator's exact float sums can beat).
 - `x86 vs simulate`: the int8 backend (exact int32 sums) against the simulator (float sums), with int8
   convolution outputs kept channels-last (default) and converted back to NCHW.
 - `... attention`: the same with `TDQConfig.attention` on (quantized QK^T and softmax-V inputs).
@@ -37,14 +39,14 @@ from tdq.quant.backends import x86 as x86_mod  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def sample(unet, seeds, steps: int = 20, channels_last: bool = False) -> torch.Tensor:
+def sample(unet, seeds, steps: int = 20, nudge: bool = False) -> torch.Tensor:
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(steps)
     x = torch.cat([torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if nudge:
+        x = torch.nextafter(x, torch.full_like(x, float("inf")))
     with torch.no_grad():
         for t in sched.timesteps:
             x = sched.step(unet(x, t).sample, t, x).prev_sample
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--layer-nudge", action="store_true", help="add the every-layer 1-ulp row")
     ap.add_argument("--out", default=str(RESULTS / "backend_psnr.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -93,23 +96,37 @@ def main() -> None:
     calib = list(range(1000, 1008))
     rows = []
     ref = sample(fp, seeds, args.steps)
-    fp_cl = copy.deepcopy(fp).to(memory_format=torch.channels_last)
-    rows.append(row("fp32 nchw vs channels_last", sample(fp_cl, seeds, args.steps, True), ref))
+    rows.append(row("fp32 vs fp32, x_T nudged by 1 ulp", sample(fp, seeds, args.steps, True), ref))
     for attention in [False] + ([] if args.no_attention else [True]):
         tag = " attention" if attention else ""
         # every variant is quantized and calibrated afresh (deterministic: the same scales); a deep copy of a
         # quantized diffusers model would still run the original through its copied timestep hook
-        sim = sample(quantized(fp, attention, calib), seeds, args.steps)
+        q = quantized(fp, attention, calib)
+        sim = sample(q, seeds, args.steps)
         rows.append(row("simulate vs fp32" + tag, sim, ref))
-        q_cl = quantized(fp, attention, calib).to(memory_format=torch.channels_last)
-        rows.append(row("simulate nchw vs channels_last" + tag, sample(q_cl, seeds, args.steps, True), sim))
+        rows.append(
+            row("simulate vs simulate, x_T nudged by 1 ulp" + tag, sample(q, seeds, args.steps, True), sim)
+        )
+        if args.layer_nudge:
+            hooks = [
+                m.register_forward_hook(
+                    lambda mod, a, out: torch.nextafter(out, torch.full_like(out, float("inf")))
+                )
+                for _, m in tdq.iter_quant_layers(q)
+            ]
+            nudged = sample(q, seeds, args.steps)
+            for h in hooks:
+                h.remove()
+            rows.append(row("simulate vs simulate, every layer output nudged by 1 ulp" + tag, nudged, sim))
         for keep in (True, False):
             x86_mod.KEEP_CHANNELS_LAST = keep
             real = to_backend(quantized(fp, attention, calib), "x86")
             what = "channels-last kept" if keep else "NCHW restored"
-            rows.append(row(f"x86 ({what}) vs simulate" + tag, sample(real, seeds, args.steps), sim))
+            out = sample(real, seeds, args.steps)
+            rows.append(row(f"x86 ({what}) vs simulate" + tag, out, sim))
+            rows.append(row(f"x86 ({what}) vs fp32" + tag, out, ref))
         x86_mod.KEEP_CHANNELS_LAST = True
-        for r in rows[-4:]:
+        for r in rows[-7:]:
             print(
                 f"{r['row']}: pooled {r['psnr_pooled_db']:.1f} dB, per-seed min {r['psnr_per_seed_min_db']:.1f}"
             )

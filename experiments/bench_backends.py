@@ -8,7 +8,8 @@ symmetric int8 weights, affine uint8 activations, 10 timestep buckets) calibrate
 (t = 0, 100, ..., 900, batch 2, random inputs: enough for timing, not for quality); `weight_only_int4` uses W4A8.
 
 Variants: `fp32` (eager, the reference), `fp32_compile` (`torch.compile`, optional), `simulate` (tdq's fake
-quantization), `x86` (oneDNN int8 kernels), `weight_only_int8`, `weight_only_int4`, `torchao_int8_dyn` (if
+quantization), `x86` (oneDNN int8 kernels), `x86_attention` (x86 with `TDQConfig(attention=True)`: int8 attention
+matmuls), `weight_only_int8`, `weight_only_int4`, `torchao_int8_dyn` (if
 torchao is importable). Each variant is timed in interleaved pairs with FP32 (order alternating), and the ratio
 per pair is reported as median and min: the machine is shared, so single timings are noisy.
 
@@ -43,6 +44,7 @@ VARIANTS = (
     "fp32_compile",
     "simulate",
     "x86",
+    "x86_attention",
     "weight_only_int8",
     "weight_only_int4",
     "torchao_int8_dyn",
@@ -80,9 +82,9 @@ def build_model(name: str):
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
-def quantized(model, extra, shape, weight_bits: int = 8):
+def quantized(model, extra, shape, weight_bits: int = 8, attention: bool = False):
     """Quantize `model` in place with tdq defaults (W`weight_bits`A8) and calibrate on 10 random calls."""
-    cfg = tdq.TDQConfig()
+    cfg = tdq.TDQConfig(attention=attention)
     cfg.weight.bits = weight_bits
     tdq.quantize_(model, cfg)
     g = torch.Generator().manual_seed(2)
@@ -101,19 +103,20 @@ def make_variant(variant: str, fp, shape, extra):
         cm = torch.compile(fp)
         with torch.no_grad():
             cm(torch.randn(16, *shape), torch.tensor(500), **extra(16))
-        return cm, f"compiled in {time.perf_counter() - t0:.0f} s"
+        return cm, f"compiled in {time.perf_counter() - t0:.0f} s (inductor, 1 thread)"
     if variant == "torchao_int8_dyn":
         if importlib.util.find_spec("torchao") is None:
             raise RuntimeError("torchao not installed (optional [baselines] extra)")
+        import torchao
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
         quantize_(fp, Int8DynamicActivationInt8WeightConfig())
-        return fp, "Linear layers only"
+        return fp, f"torchao {torchao.__version__}, eager, Linear layers only (convs stay FP32)"
     bits = 4 if variant == "weight_only_int4" else 8
-    q = quantized(fp, extra, shape, weight_bits=bits)
+    q = quantized(fp, extra, shape, weight_bits=bits, attention=variant == "x86_attention")
     if variant != "simulate":
-        to_backend(q, variant)
-    return q, ""
+        to_backend(q, variant.removesuffix("_attention"))
+    return q, "TDQConfig(attention=True): int8 QK^T and softmax-V" if variant == "x86_attention" else ""
 
 
 def _call(model, x, t, kw):
@@ -183,6 +186,43 @@ def rss_child(model_name: str, variant: str, batch: int, steps: int) -> dict:
         "resident_bytes": resident_bytes(m),
         "finite": bool(torch.isfinite(x).all()),
     }
+
+
+def compile_child(model_name: str, batch: int, pairs: int) -> dict:
+    """fp32_compile in its own process (so a compile that takes too long can be stopped)."""
+    torch.set_num_threads(1)
+    fp, shape, extra = build_model(model_name)
+    cm, note = make_variant("fp32_compile", build_model(model_name)[0], shape, extra)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(batch, *shape, generator=g)
+    return {"note": note, "timing": time_pairs(fp, cm, x, torch.tensor(500), extra(batch), pairs)}
+
+
+def compile_of(model_name: str, batch: int, pairs: int, timeout_s: float) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--compile-child",
+        model_name,
+        "--batch",
+        str(batch),
+        "--pairs",
+        str(pairs),
+    ]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return {
+            "skipped": f"compile + {pairs} timed pairs did not finish within {timeout_s:.0f} s on the shared "
+            "machine (1 thread); stopped"
+        }
+    if p.returncode != 0:
+        tail = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc={p.returncode}"
+        return {"skipped": f"compile failed after {time.perf_counter() - t0:.0f} s: {tail}"[:300]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def rss_of(model_name: str, variant: str, batch: int, steps: int) -> dict:
@@ -276,9 +316,11 @@ def _md(result: dict) -> str:
             rss = (mres.get("rss", {}).get(v) or {}).get("peak_rss_run_kb")
             rss_ratio = f"{rss / rss_fp:.2f}" if rss and rss_fp and rss > 0 else ""
             kern = ", ".join(f"{k}: {n}" for k, n in r.get("kernels", {}).items())
+            kern = kern or r.get("note", "")
+            bytes_ratio = f"{r['resident_bytes_ratio']:.3f}" if "resident_bytes_ratio" in r else ""
             lines.append(
                 f"| {mname} | {v} | {t.get('ratio_median', 1.0):.2f} | {t.get('ratio_min', 1.0):.2f} | "
-                f"{t.get('pairs', '')} | {r.get('resident_bytes_ratio', 1.0):.3f} | {rss_ratio} | {kern} |"
+                f"{t.get('pairs', '')} | {bytes_ratio} | {rss_ratio} | {kern} |"
             )
     lines += [
         "",
@@ -301,18 +343,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="DDIM steps of the RSS sampler run")
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--compile-models", default="mnist-ddpm,big-unet", help="models that get fp32_compile")
+    ap.add_argument(
+        "--compile-timeout", type=float, default=900.0, help="seconds for compile + its timed pairs"
+    )
+    ap.add_argument("--rss-variants", default="fp32,simulate,x86,weight_only_int8,weight_only_int4")
     ap.add_argument("--rss-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    ap.add_argument("--compile-child", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "backends.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.rss_child:
         print(json.dumps(rss_child(*args.rss_child, args.batch, args.steps)))
         return
+    if args.compile_child:
+        print(json.dumps(compile_child(args.compile_child, args.batch, args.pairs)))
+        return
 
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    command = "python experiments/bench_backends.py " + " ".join(sys.argv[1:])
+    result["commands"] = [c for c in result.get("commands", [result.get("command")]) if c] + [command]
     result.update(
-        command="python experiments/bench_backends.py " + " ".join(sys.argv[1:]),
+        command=" && ".join(result["commands"]),
         capability=get_cpu_capability(),
         threads=1,
         batch=args.batch,
@@ -326,17 +378,18 @@ def main() -> None:
         t = torch.tensor(500)
         kw = extra(args.batch)
         fp_bytes = resident_bytes(fp)
-        mres = {
-            "params": sum(p.numel() for p in fp.parameters()),
-            "sample_shape": list(shape),
-            "variants": {},
-        }
+        # variants measured before (another invocation) are kept; the ones run now replace theirs
+        mres = result["models"].get(mname, {})
+        mres.update(params=sum(p.numel() for p in fp.parameters()), sample_shape=list(shape))
+        mres.setdefault("variants", {})
         print(f"== {mname}: {mres['params'] / 1e6:.1f} M params", flush=True)
         for v in args.variants.split(","):
-            if v == "fp32_compile" and mname not in args.compile_models.split(","):
-                mres["variants"][v] = {
-                    "skipped": "compile of this model takes too long on the shared 2-core machine"
-                }
+            if v == "fp32_compile":
+                if mname not in args.compile_models.split(","):
+                    mres["variants"][v] = {"skipped": "not requested (--compile-models)"}
+                else:
+                    mres["variants"][v] = compile_of(mname, args.batch, args.pairs, args.compile_timeout)
+                print(f"  {v}: {mres['variants'][v]}", flush=True)
                 continue
             fresh, _, _ = build_model(mname)
             try:
@@ -366,8 +419,8 @@ def main() -> None:
             del var, fresh
             gc.collect()
         if not args.no_rss:
-            mres["rss"] = {}
-            for v in ("fp32", "simulate", "x86", "weight_only_int8", "weight_only_int4"):
+            mres.setdefault("rss", {})
+            for v in args.rss_variants.split(","):
                 mres["rss"][v] = rss_of(mname, v, args.batch, args.steps)
                 print(f"  rss {v}: {mres['rss'][v]}", flush=True)
         mres["fp32_resident_bytes"] = fp_bytes

@@ -376,10 +376,18 @@ def resident_bytes(model: nn.Module) -> int:
     """
     seen: set = set()
     total = 0
+
+    def leaves(t):
+        # tensor subclasses that wrap other tensors (e.g. torchao's quantized weights) hold no storage themselves
+        if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            for inner in t.__tensor_flatten__()[0]:
+                yield from leaves(getattr(t, inner))
+        else:
+            yield t
+
     for mod in model.modules():
-        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-            if t is None:
-                continue
+        tensors = list(mod._parameters.values()) + list(mod._buffers.values())
+        for t in [leaf for x in tensors if x is not None for leaf in leaves(x)]:
             if t.is_mkldnn:
                 key = ("mkldnn", id(t))
                 nbytes = t.numel() * t.element_size()

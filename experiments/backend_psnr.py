@@ -13,7 +13,7 @@ Rows:
   one ulp on every call: last-bit differences at every layer and step, as a real kernel's different summation
   order makes them (the floor no backend without the simulator's exact float sums can beat).
 - `x86 vs simulate`: the int8 backend (exact int32 sums) against the simulator (float sums), with int8
-  convolution outputs kept channels-last (default) and converted back to NCHW.
+  convolution outputs kept channels-last and converted back to NCHW (default).
 - `... attention`: the same with `TDQConfig.attention` on (quantized QK^T and softmax-V inputs).
 
     python experiments/backend_psnr.py --seeds 32     # writes results/backend_psnr.{json,md}
@@ -125,7 +125,7 @@ def main() -> None:
             out = sample(real, seeds, args.steps)
             rows.append(row(f"x86 ({what}) vs simulate" + tag, out, sim))
             rows.append(row(f"x86 ({what}) vs fp32" + tag, out, ref))
-        x86_mod.KEEP_CHANNELS_LAST = True
+        x86_mod.KEEP_CHANNELS_LAST = False
         for r in rows[-7:]:
             print(
                 f"{r['row']}: pooled {r['psnr_pooled_db']:.1f} dB, per-seed min {r['psnr_per_seed_min_db']:.1f}"

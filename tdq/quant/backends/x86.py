@@ -55,9 +55,9 @@ def quantize_u8(x: torch.Tensor, scale: float, inv: float, zp: int, lo: int, hi:
     return x.mul(inv).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
 
 
-# Whether int8 convolutions return oneDNN's channels-last output as it is (default) or convert it to the input's
-# memory format; per module as `X86Int8Module.keep_channels_last`.
-KEEP_CHANNELS_LAST = True
+# Whether int8 convolutions return oneDNN's channels-last output as it is or convert it to the input's memory
+# format (default); per module as `X86Int8Module.keep_channels_last`.
+KEEP_CHANNELS_LAST = False
 
 _ZEROS: dict[int, torch.Tensor] = {}
 
@@ -163,10 +163,10 @@ class X86Int8Module(RealQuantModule):
                 [],
                 "",
             )
-            # oneDNN writes channels-last. Converting back to NCHW costs ~2/3 of the int8 conv itself (a strided
-            # float copy), so by default the output stays channels-last: the next int8 conv then needs no input
-            # copy, and the float ops between (GroupNorm, SiLU, adds) keep the layout. Their summation order then
-            # differs from the simulator's NCHW kernels at the last bit (see experiments/results/backend_psnr.md).
+            # oneDNN writes channels-last. By default the output takes the input's memory format, as F.conv2d's,
+            # so the float ops between layers sum in the simulator's order. `keep_channels_last` skips that copy
+            # (~2/3 of an int8 conv's time at 16x256x16x16) but changes their summation order: measured on
+            # mnist-ddpm it moves whole DDIM runs further from the simulator (experiments/results/backend_psnr.md).
             return out.contiguous() if nchw and not self.keep_channels_last else out
         return torch.ops.onednn.qlinear_pointwise(
             xq.contiguous(),

@@ -51,6 +51,8 @@ def test_processor_quantizes_q_k_v_and_probabilities():
     pq = proc.prob_quantizer
     # probabilities: unsigned codes on [0, max P] with max P <= 1
     assert torch.all(pq.zero_point == 0) and torch.all(pq.scale <= 1 / 255 + 1e-9)
+    # unsigned 8-bit codes
+    assert all((qmin, qmax) == (0, 255) for _, _, qmin, qmax, _, _ in pq._bucket_params())
     assert all(q.spec.symmetric for n, q in proc.quantizers() if n != "prob_quantizer")
     with torch.no_grad():
         ctx.set(1)

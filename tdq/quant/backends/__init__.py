@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tdq.quant.attention import iter_attention_processors
+from tdq.quant.attention import MIN_INT8_SCORES, iter_attention_processors
 from tdq.quant.backends.base import (
     BackendError,
     BackendState,
@@ -201,7 +201,10 @@ class X86Backend(Backend):
     def attention_kernel(self, capability):
         # torch._int_mm is fast on VNNI/AMX CPUs and a slow reference kernel elsewhere (25-60x FP32 on AVX2)
         if capability.get("avx512_vnni") or capability.get("amx_int8"):
-            return "aten._int_mm", ""
+            return "aten._int_mm", (
+                f"calls with fewer than {MIN_INT8_SCORES} query x key scores per head, a mixed-bucket batch, a mask "
+                "or > 8 bits run the simulator's float arithmetic"
+            )
         return "simulate", "torch._int_mm has no fast kernel without AVX-512 VNNI or AMX: float arithmetic"
 
 

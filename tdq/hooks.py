@@ -11,6 +11,7 @@ on any other module it is a torch forward pre-hook.
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 import math
 import numbers
@@ -112,11 +113,35 @@ class TimestepHook:
         self._model = model
         self._registry = _diffusers_registry(model)
         if self._registry is not None:
-            self._registry.register_hook(_DiffusersTimestepHook(self), HOOK_NAME)
+            self._register_diffusers()
             self._handle = None
         else:
             self._handle = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         context.active = True
+
+    def _register_diffusers(self) -> None:
+        self._registry.register_hook(_DiffusersTimestepHook(self), HOOK_NAME)
+        # diffusers' rewritten `forward` closes over the original module, so a plain `copy.deepcopy` of the model
+        # would run the *original* model; `copy.deepcopy` looks `__deepcopy__` up on the instance first.
+        self._model.__dict__["__deepcopy__"] = self._deepcopy_model
+
+    def _unregister_diffusers(self) -> None:
+        self._model.__dict__.pop("__deepcopy__", None)
+        self._registry.remove_hook(HOOK_NAME, recurse=False)
+
+    def _deepcopy_model(self, memo: dict) -> nn.Module:
+        """Deep-copy the hooked diffusers model: copy it without the hook, then hook the copy with its own state."""
+        model = self._model
+        self._unregister_diffusers()
+        try:
+            new = copy.deepcopy(model, memo)
+        finally:
+            self._register_diffusers()
+        new_hook = memo.get(id(self))
+        if isinstance(new_hook, TimestepHook) and new_hook._model is new:
+            new_hook._registry = HookRegistry.check_if_exists_or_initialize(new)
+            new_hook._register_diffusers()
+        return new
 
     def _check(self, lo: float, hi: float) -> None:
         if lo >= self._lo - self._tol and hi <= self._hi + self._tol:
@@ -179,7 +204,7 @@ class TimestepHook:
     def remove(self) -> None:
         """Remove the hook; the model's quantized layers then compute in floating point."""
         if self._registry is not None:
-            self._registry.remove_hook(HOOK_NAME, recurse=False)
+            self._unregister_diffusers()
         else:
             self._handle.remove()
         self.context.active = False

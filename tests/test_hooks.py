@@ -122,3 +122,31 @@ def test_unreached_buckets_take_nearest_calibrated_range():
     assert aq.calibrated.all()
     assert aq.max_val[8] == aq.max_val[9] and aq.max_val[2] == aq.max_val[0]
     assert torch.isfinite(model(torch.randn(1, 16), 450)).all()
+
+
+def test_deepcopy_of_a_quantized_diffusers_model_runs_the_copy():
+    """diffusers' hook rewrites `forward` as a closure over the module: a plain deep copy would run the original."""
+    import copy
+
+    torch.manual_seed(0)
+    m = T.tiny_unet2d()
+    tdq.quantize_(m, TDQConfig(grid={"num_buckets": 4}))
+    x = torch.randn(2, m.config.in_channels, m.config.sample_size, m.config.sample_size)
+    with tdq.calibration(m):
+        for t in (10, 400, 900):
+            m(x, t)
+    ref = m(x, 400).sample
+    c = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.mul_(0.5)  # the copy's own weights must be the ones that run
+    calls = tdq.get_quantization(m).context.calls
+    out = c(x, 400).sample
+    assert not torch.allclose(out, ref)
+    assert tdq.get_quantization(m).context.calls == calls  # the original's hook did not run
+    assert tdq.get_quantization(c).context.calls > 0
+    torch.testing.assert_close(m(x, 400).sample, ref)  # the original still quantizes as before
+    with tdq.disabled(c):  # the copy's hook is its own: removing it leaves the original hooked
+        c(x, 400)
+    assert tdq.get_quantization(m).hook is not None and tdq.get_quantization(c).hook is not None
+    torch.testing.assert_close(copy.deepcopy(m)(x, 400).sample, ref)

@@ -75,6 +75,7 @@ __all__ = [
     "SavedQuantizationError",
     "STATE_FILE",
     "STATE_SCHEMA_VERSION",
+    "check_saveable",
     "has_saved_quantization",
     "load_quantization",
     "read_saved_quantization",
@@ -263,6 +264,30 @@ def _is_correction(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_saveable(model: nn.Module) -> None:
+    r"""
+    Raise unless `save_quantization(model, ...)` can save `model` (quantized, initialised, calibrated), without
+    writing anything: callers check before they replace an existing save.
+
+    Raises:
+        `ValueError` if the model is not quantized; `NotCalibratedError` naming the first layer that is not
+        initialised or not calibrated.
+    """
+    get_quantization(model)
+    for name, m in iter_quant_layers(model):
+        aq = m.act_quantizer
+        if m.weight.is_meta or m.weight_quantizer.needs_init or aq.needs_init:
+            raise NotCalibratedError(
+                f"layer {name!r}: its weight or quantizer state is on the meta device or was never initialised after "
+                "to_empty(); load the float weights and calibrate (or load a saved state) before saving"
+            )
+        if aq.spec.enabled and (aq.mode == "observe" or not bool(aq.calibrated.all())):
+            raise NotCalibratedError(
+                f"layer {name!r}: activation quantizer is not calibrated; run the sampler inside "
+                "`tdq.calibration(model)` before saving"
+            )
+
+
 def save_quantization(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -295,18 +320,7 @@ def save_quantization(
     state = get_quantization(model)
     layers = list(iter_quant_layers(model))
     layer_names = {n for n, _ in layers}
-    for name, m in layers:
-        aq = m.act_quantizer
-        if m.weight.is_meta or m.weight_quantizer.needs_init or aq.needs_init:
-            raise NotCalibratedError(
-                f"layer {name!r}: its weight or quantizer state is on the meta device or was never initialised after "
-                "to_empty(); load the float weights and calibrate (or load a saved state) before saving"
-            )
-        if aq.spec.enabled and (aq.mode == "observe" or not bool(aq.calibrated.all())):
-            raise NotCalibratedError(
-                f"layer {name!r}: activation quantizer is not calibrated; run the sampler inside "
-                "`tdq.calibration(model)` before saving"
-            )
+    check_saveable(model)
 
     for qname, q in iter_attention_quantizers(model):
         if q.needs_init or q.mode == "observe" or not bool(q.calibrated.all()):

@@ -317,6 +317,10 @@ def fetch(
 
     Raises:
         `AssetError`: when an asset could not be obtained from any source.
+
+    Processes fetching into one cache at once take turns (an exclusive lock on ``<cache_dir>/.lock``): the second
+    finds the first's verified files and downloads nothing. Files are written through a temporary file and a
+    rename, so readers (`resolve`, `verify`), which take no lock, see the old file or the new one, never half.
     """
     root = _cache_dir(cache_dir)
     if isinstance(names, str):

@@ -401,6 +401,8 @@ def save_quantization(
     }
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_quantization: {str(directory)!r} is a file; pass a directory")
     directory.mkdir(parents=True, exist_ok=True)
     # The pair is replaced as a whole: the new tensors go to a file of their own name, the sidecar switches to it
     # (the commit: until then the old pair is untouched and loads), then the file is promoted to `STATE_FILE` and
@@ -637,6 +639,19 @@ def _check_quantizer_values(name: str, tensors: dict[str, torch.Tensor]) -> None
             key = f"{name}.{q}.{buf}"
             if key in tensors and not bool(torch.isfinite(tensors[key].float()).all()):
                 raise corrupted(key, "holds NaN/inf; it must be finite")
+        key = f"{name}.{q}.zero_point"
+        if key in tensors:
+            # an integer code of the layer's range: [-2^(b-1), 2^(b-1) - 1] signed or [0, 2^b - 1] unsigned
+            zp = tensors[key].double()
+            top = 2.0 ** bits.double().max()
+            if not bool((zp == zp.round()).all()) or not bool(((zp >= -top / 2) & (zp <= top - 1)).all()):
+                bad = zp.flatten()[((zp != zp.round()) | (zp < -top / 2) | (zp > top - 1)).flatten()][
+                    0
+                ].item()
+                raise corrupted(
+                    key,
+                    f"holds {bad!r}; a zero-point must be an integer code of its {int(bits.max())}-bit range",
+                )
 
 
 def _expected_state(
@@ -744,9 +759,10 @@ def load_quantization(
 
     # 2. every tensor in model order: names, shapes, dtypes; quantized weights are stored as their codes.
     checked: set[str] = set()
-    for key, (shape, _) in expected.items():
+    for key, (shape, model_dtype) in expected.items():
         layer = _layer_of_key(key, name_set)
-        dtype = None
+        # tdq's own buffers have fixed dtypes; a float16 scale would load rounded without a word
+        dtype = model_dtype if "_quantizer." in key else None
         if layer in name_set and key == layer + ".weight":
             info = saved_layers[layer]
             if list(shape) != list(info["weight_shape"]):
@@ -776,8 +792,10 @@ def load_quantization(
                 f"shape {list(t.shape)} in the saved state and {list(shape)} in the model"
             )
         if dtype is not None and t.dtype != dtype:
+            what = "codes" if key.endswith(CODES_SUFFIX) else "tensor"
             raise SavedQuantizationError(
-                f"tdq state is corrupted: codes {key!r} have dtype {t.dtype}, expected {dtype}"
+                f"tdq state is corrupted: {what} {key!r} {'have' if what == 'codes' else 'has'} dtype {t.dtype}, "
+                f"expected {dtype}"
             )
     extra = [
         k

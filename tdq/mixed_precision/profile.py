@@ -111,6 +111,13 @@ class SensitivityProfile:
                 return f"{name} must have shape {list(shape)} for {num_layers} layers and {k} buckets, got {list(got)}"
         if len(set(self.layers)) != num_layers:
             return "layer names are not unique"
+        for name in ("act_fisher", "act_range", "weight_fisher", "weight_range"):
+            values = getattr(self, name)
+            if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+                row = int(
+                    ((~torch.isfinite(values)) | (values < 0)).reshape(num_layers, -1).any(1).nonzero()[0]
+                )
+                return f"{name} of layer {self.layers[row]!r} holds NaN, inf or negative values"
         return None
 
     # -- serialisation ------------------------------------------------------------------------------------------

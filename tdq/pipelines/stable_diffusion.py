@@ -414,6 +414,13 @@ class TDQPipeline(StableDiffusionPipeline):
         """
         if self._tdq_components:
             raise RuntimeError("this pipeline is already quantized")
+        if calibration_prompts is not None and (
+            isinstance(calibration_prompts, str) or not calibration_prompts
+        ):
+            raise ValueError(
+                f"calibration_prompts={calibration_prompts!r:.60} must be a non-empty list of prompts (or None for "
+                "the default prompts)"
+            )
         tdq_config = tdq_config or TDQConfig()
         schedule = _load_schedule(schedule, profile, budget)
         num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))

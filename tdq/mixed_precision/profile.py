@@ -184,18 +184,18 @@ class SensitivityProfile:
         missing = [k for k in ("layers", "grid") if k not in manifest]
         if missing:
             raise ValueError(f"sensitivity profile file {str(json_path)!r} is missing field(s) {missing}")
-        digest = manifest.get("tensors_sha256")  # absent in files written before it was recorded
-        if digest is not None and digest != sha256_file(st_path):
-            raise ValueError(
-                f"sensitivity profile file {str(st_path)!r} does not match {str(json_path)!r} (sha256 differs: "
-                "another profile's tensors, or a save that was interrupted); profile again"
-            )
         try:
             tensors = load_file(str(st_path))
         except Exception as e:  # safetensors raises its own error types for truncated/garbled files
             raise ValueError(
                 f"sensitivity profile file {str(st_path)!r} is not a readable safetensors file: {e}"
             ) from e
+        digest = manifest.get("tensors_sha256")  # absent in files written before it was recorded
+        if digest is not None and digest != sha256_file(st_path):
+            raise ValueError(
+                f"sensitivity profile file {str(st_path)!r} does not match {str(json_path)!r} (sha256 differs: "
+                "another profile's tensors, or a save that was interrupted); profile again"
+            )
         absent = [k for k in _TENSOR_FIELDS if k not in tensors]
         if absent:
             raise ValueError(f"sensitivity profile file {str(st_path)!r} lacks tensor(s) {absent}")

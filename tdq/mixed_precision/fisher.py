@@ -259,6 +259,15 @@ def profile_sensitivity(
     """
     if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] == 0:
         raise ValueError("x0 must be a tensor of clean samples with shape [N, ...], N >= 1")
+    if not bool(torch.isfinite(x0).all()):
+        bad = (~torch.isfinite(x0)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"x0 holds NaN/inf in sample(s) {bad[:8]}; the sensitivity of such samples is meaningless"
+        )
+    if layers is not None and (
+        not isinstance(layers, list | tuple) or not all(isinstance(n, str) and n for n in layers)
+    ):
+        raise ValueError(f"layers={layers!r:.80} must be a list of layer names")
     if int(samples_per_bucket) < 1 or int(batch_size) < 1:
         raise ValueError("samples_per_bucket and batch_size must be positive integers")
     forward_fn = forward_fn or default_forward_fn

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tdq.grid import TimestepGrid
-from tdq.utils.io import json_safe, read_json_object
+from tdq.utils.io import atomic_write, json_safe, read_json_object, sha256_file
 
 PROFILE_SCHEMA_VERSION = 1
 
@@ -111,12 +111,23 @@ class SensitivityProfile:
                 return f"{name} must have shape {list(shape)} for {num_layers} layers and {k} buckets, got {list(got)}"
         if len(set(self.layers)) != num_layers:
             return "layer names are not unique"
+        for name in ("act_fisher", "act_range", "weight_fisher", "weight_range"):
+            values = getattr(self, name)
+            if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+                row = int(
+                    ((~torch.isfinite(values)) | (values < 0)).reshape(num_layers, -1).any(1).nonzero()[0]
+                )
+                return f"{name} of layer {self.layers[row]!r} holds NaN, inf or negative values"
         return None
 
     # -- serialisation ------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """
         Save as `<path>.safetensors` (tensors) and `<path>.json` (layers, grid, meta, schema version).
+
+        Each file is written through a temporary file and a rename, the tensors first; the JSON records the
+        tensors file's sha256, so a save killed between the two renames leaves a pair that `load` refuses (never a
+        mix of two profiles that loads).
 
         Args:
             path (`str` or `os.PathLike`): base path; a `.safetensors` or `.json` suffix is stripped first.
@@ -130,16 +141,19 @@ class SensitivityProfile:
         base.parent.mkdir(parents=True, exist_ok=True)
         st_path, json_path = _with_suffix(base, ".safetensors"), _with_suffix(base, ".json")
         tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_FIELDS}
-        save_file(tensors, str(st_path), metadata={"schema_version": str(PROFILE_SCHEMA_VERSION)})
+        metadata = {"schema_version": str(PROFILE_SCHEMA_VERSION)}
+        atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         manifest = {
             "schema_version": PROFILE_SCHEMA_VERSION,
             "kind": "tdq.SensitivityProfile",
             "tensors": st_path.name,
+            "tensors_sha256": sha256_file(st_path),
             "layers": self.layers,
             "grid": json_safe(self.grid),
             "meta": json_safe(self.meta),
         }
-        json_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        text = json.dumps(manifest, indent=2) + "\n"
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
         return json_path, st_path
 
     @classmethod
@@ -176,6 +190,12 @@ class SensitivityProfile:
             raise ValueError(
                 f"sensitivity profile file {str(st_path)!r} is not a readable safetensors file: {e}"
             ) from e
+        digest = manifest.get("tensors_sha256")  # absent in files written before it was recorded
+        if digest is not None and digest != sha256_file(st_path):
+            raise ValueError(
+                f"sensitivity profile file {str(st_path)!r} does not match {str(json_path)!r} (sha256 differs: "
+                "another profile's tensors, or a save that was interrupted); profile again"
+            )
         absent = [k for k in _TENSOR_FIELDS if k not in tensors]
         if absent:
             raise ValueError(f"sensitivity profile file {str(st_path)!r} lacks tensor(s) {absent}")
@@ -267,7 +287,7 @@ class SensitivityProfile:
             ax.set_title(f"{'activation' if kind == 'act' else 'weight'} Fisher trace")
             fig.colorbar(im, ax=ax, label="log10 Fisher trace")
             fig.tight_layout()
-            fig.savefig(path, dpi=120)
+            atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
         finally:
             plt.close(fig)
         return path

@@ -234,7 +234,7 @@ class PrecisionSchedule:
             ax_a.set_title("activation bits")
             fig.colorbar(im, ax=ax_a, ticks=range(vmin, vmax + 1), label="bits")
             fig.tight_layout()
-            fig.savefig(path, dpi=120)
+            atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
         finally:
             plt.close(fig)
         return path

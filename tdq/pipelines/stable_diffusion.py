@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,14 @@ from torch import nn
 
 from tdq.api import QUANTIZATION_ATTR, calibration, quantize_, quantize_static_, static_config
 from tdq.config import TDQConfig
-from tdq.serialization import has_saved_quantization, load_quantization, save_quantization
+from tdq.serialization import (
+    SavedQuantizationError,
+    check_saveable,
+    has_saved_quantization,
+    load_quantization,
+    save_quantization,
+)
+from tdq.utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +290,11 @@ class TDQPipeline(StableDiffusionPipeline):
                     path,
                 )
             return cls._from_saved(Path(path), dtype, backend=backend, **kwargs)
+        if os.path.isdir(Path(path) / TDQ_DIRNAME):
+            raise SavedQuantizationError(
+                f"{str(path)!r} holds an incomplete tdq save: {TDQ_DIRNAME}/ exists but {TDQ_DIRNAME}/{INDEX_FILE} "
+                "does not (TDQPipeline.save_pretrained was interrupted or failed); save the pipeline again"
+            )
         pipe = super().from_pretrained(path, **kwargs)
         pipe.quantize(
             tdq_config=tdq_config,
@@ -401,6 +414,13 @@ class TDQPipeline(StableDiffusionPipeline):
         """
         if self._tdq_components:
             raise RuntimeError("this pipeline is already quantized")
+        if calibration_prompts is not None and (
+            isinstance(calibration_prompts, str) or not calibration_prompts
+        ):
+            raise ValueError(
+                f"calibration_prompts={calibration_prompts!r:.60} must be a non-empty list of prompts (or None for "
+                "the default prompts)"
+            )
         tdq_config = tdq_config or TDQConfig()
         schedule = _load_schedule(schedule, profile, budget)
         num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
@@ -496,10 +516,14 @@ class TDQPipeline(StableDiffusionPipeline):
                 "TDQPipeline saves safetensors only (safe_serialization=False would write pickle)"
             )
         quantized = self.tdq_components
+        for module in quantized.values():  # refuse before anything of an existing save is replaced
+            check_saveable(module)
         save_directory = Path(save_directory)
         index_path = save_directory / TDQ_DIRNAME / INDEX_FILE
-        if index_path.exists():  # an interrupted save must not leave an index that points at stale states
-            index_path.unlink()
+        # The index is the commit: it is removed first and written last (atomically), and tdq/ exists throughout,
+        # so an interrupted save leaves a folder that `from_pretrained` refuses as incomplete, never a mix.
+        index_path.unlink(missing_ok=True)
+        index_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             if "unet" in quantized:
                 stack.enter_context(_config_only_save(self.unet))
@@ -508,6 +532,7 @@ class TDQPipeline(StableDiffusionPipeline):
                     stack.enter_context(_float_state_dict(getattr(self, comp)))
             super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
         if not quantized:
+            shutil.rmtree(index_path.parent)  # a plain save: states of an earlier tdq save no longer apply
             return
         source = self.config.get("_name_or_path")
         entries = {}
@@ -525,4 +550,7 @@ class TDQPipeline(StableDiffusionPipeline):
                 "storage": "full" if comp == "unet" else "overlay",
             }
         index = {"schema_version": INDEX_SCHEMA_VERSION, "components": entries}
-        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        text = json.dumps(index, indent=2) + "\n"
+        atomic_write(index_path, lambda tmp: Path(tmp).write_text(text))
+        for tmp in index_path.parent.glob(f".{INDEX_FILE}.*.tmp"):  # left by killed saves; never read
+            tmp.unlink(missing_ok=True)

@@ -21,6 +21,33 @@ from tdq.run.report import write_config
 __all__ = ["CalibrationConfig", "EvalConfig", "RunConfig", "ScheduleConfig", "run_experiment"]
 
 
+#: The files `run_experiment` writes; `report.json` (written last) marks a complete run.
+RUN_FILES = (
+    "report.json",
+    "report.md",
+    "config.json",
+    "grid.png",
+    "drift.png",
+    "lpips_hist.png",
+    "sensitivity.json",
+    "sensitivity.safetensors",
+    "sensitivity_act.png",
+    "sensitivity_weight.png",
+    "schedule.json",
+    "schedule.png",
+)
+
+
+def _remove_outputs(run_dir: Path) -> None:
+    """Delete what an earlier run wrote into `run_dir` (`report.json` first) and temporaries of killed writes, so
+    the folder never shows an old report next to the new run's files, nor files of another run as this one's."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FILES:
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def run_experiment(cfg: RunConfig | Any, run_dir: str | Path, quantizer: Any = None) -> dict[str, Any]:
     """
     Run the main job and write the run directory.
@@ -32,6 +59,11 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path, quantizer: Any = N
     Files written: `report.json`, `report.md`, `grid.png` (FP row over quantized row), `drift.png`,
     `lpips_hist.png`, `sensitivity.{safetensors,json}`, `sensitivity_act.png`, `sensitivity_weight.png`,
     `schedule.json`, `schedule.png`, `config.json`.
+
+    Interruption: these files from an earlier run in `run_dir` are deleted first (`report.json` first), every file
+    is written through a temporary file and a rename, and `report.json` is written last: a folder with a
+    `report.json` holds one complete run, one without it an interrupted run (rerun it: FP samples and features
+    already in the reference cache are reused).
 
     Pixel models use [`~tdq.sampling.DiffusionSampler`]; latent conditional models (`model.kind` `"t2i"` /
     `"class"`) use [`~tdq.sampling.LatentDiffusionSampler`]: sample `s` is conditioned on class `s % num_classes`
@@ -68,6 +100,7 @@ def run_experiment(cfg: RunConfig | Any, run_dir: str | Path, quantizer: Any = N
     run_dir = Path(run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_outputs(run_dir)
         write_config(run_dir, cfg)
     ctx = RunContext(
         cfg=cfg,

@@ -27,6 +27,7 @@ from tdq.run.config import RunConfig
 from tdq.run.context import RunContext
 from tdq.run.quantizers import quantizer_markdown
 from tdq.sampling import LatentDiffusionSampler, SampleResult
+from tdq.utils.io import atomic_write
 
 __all__ = [
     "MARKDOWN_SECTIONS",
@@ -46,7 +47,8 @@ def write_config(run_dir: Path, cfg: RunConfig) -> None:
         run_dir (`Path`): the run directory (must exist).
         cfg (`RunConfig`): the config.
     """
-    (run_dir / "config.json").write_text(json.dumps(_asdict(cfg), indent=2))
+    text = json.dumps(_asdict(cfg), indent=2)
+    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def _asdict(cfg: RunConfig) -> dict[str, Any]:
@@ -171,20 +173,15 @@ def write_run_report(ctx: RunContext, report: dict[str, Any]) -> dict[str, Path]
     extra = {
         k: run_dir / f for k, f in [("sensitivity_act", "sensitivity_act.png"), ("schedule", "schedule.png")]
     }
-    written = write_report(
+    return write_report(
         run_dir,
         report,
         ctx.fp.images,
         ctx.q.images,
         ctx.drift,
         extra_figures={k: v for k, v in extra.items() if v.exists()},
+        markdown_sections=markdown_sections(report),
     )
-    sections = markdown_sections(report)
-    if sections:
-        md = written["md"].read_text()
-        head, sep, figs = md.partition("\n## Figures")
-        written["md"].write_text(head.rstrip("\n") + "\n\n" + sections + (sep + figs if sep else ""))
-    return written
 
 
 # ----------------------------------------------------------------------------------------------------

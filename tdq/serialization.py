@@ -612,6 +612,27 @@ def _read_tensors(directory: Path, sidecar: dict[str, Any]) -> dict[str, torch.T
         raise SavedQuantizationError(f"tdq state file {str(path)!r} cannot be read: {e}") from e
 
 
+def _check_attention_values(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise `SavedQuantizationError` naming the tensor if a saved attention quantizer value is unusable."""
+    for key, t in tensors.items():
+        if not is_attention_quantizer_key(key):
+            continue
+        buf = key.rsplit(".", 1)[-1]
+        if buf == "scale" and not bool((torch.isfinite(t.float()) & (t.float() > 0)).all()):
+            raise SavedQuantizationError(
+                f"tdq state is corrupted: attention quantizer {key} holds a NaN/inf or non-positive scale"
+            )
+        if buf in ("zero_point", "min_val", "max_val") and not bool(torch.isfinite(t.float()).all()):
+            raise SavedQuantizationError(f"tdq state is corrupted: attention quantizer {key} holds NaN/inf")
+        if buf == "bits" and (
+            t.dtype.is_floating_point or not bool(((t >= ACT_BITS[0]) & (t <= ACT_BITS[-1])).all())
+        ):
+            raise SavedQuantizationError(
+                f"tdq state is corrupted: attention quantizer {key} holds {t.flatten().tolist()[:8]}; bit-widths "
+                f"must be in [{ACT_BITS[0]}, {ACT_BITS[-1]}]"
+            )
+
+
 def _check_quantizer_values(name: str, tensors: dict[str, torch.Tensor]) -> None:
     """Raise `SavedQuantizationError` naming the layer and tensor if a saved quantizer value is unusable: NaN/inf
     or non-positive scales, non-finite zero-points or ranges, bit-widths outside the supported range."""
@@ -819,6 +840,7 @@ def load_quantization(
         )
 
     # 3. the quantizer values must be usable and the sidecar's bit schedule must agree with the tensors.
+    _check_attention_values(tensors)
     for name in names:
         _check_quantizer_values(name, tensors)
         info = saved_layers[name]

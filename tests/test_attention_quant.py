@@ -181,3 +181,32 @@ def test_x86_model_with_int8_attention_matches_simulator(monkeypatch):
         out = output_tensor(model(**inp))
     assert len(calls) == len(info["attention"])  # every attention call ran the int8 kernel
     assert float((out - sim).norm() / sim.norm()) < 0.05
+
+
+def test_corrupted_saved_attention_quantizer_is_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tdq.serialization import CONFIG_FILE, STATE_FILE, SavedQuantizationError
+    from tdq.utils.io import sha256_file
+
+    model = tdq.quantize_(tiny_unet2d(), TDQConfig(attention=True))
+    with tdq.calibration(model), torch.no_grad():
+        for t in (20.0, 480.0, 950.0):
+            model(**denoiser_inputs(model, t=t))
+    save_quantization(model, tmp_path / "ok")
+    tensors = load_file(str(tmp_path / "ok" / STATE_FILE))
+    key = next(k for k in tensors if k.endswith("processor.prob_quantizer.scale"))
+    for bad in (float("nan"), -1.0):
+        d = tmp_path / f"bad{bad}"
+        save_quantization(model, d)
+        t = dict(tensors)
+        t[key] = t[key].clone()
+        t[key][0] = bad
+        save_file(t, str(d / STATE_FILE))
+        sidecar = json.loads((d / CONFIG_FILE).read_text())
+        sidecar["state_sha256"] = sha256_file(d / STATE_FILE)  # a consistent pair: the values must be checked
+        (d / CONFIG_FILE).write_text(json.dumps(sidecar))
+        with pytest.raises(SavedQuantizationError, match="attention quantizer .*prob_quantizer.scale"):
+            load_quantization(tiny_unet2d(), d)

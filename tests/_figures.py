@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from PIL import Image
+
+_ATOMIC_TMP = re.compile(r"\.(.+)\.[0-9a-f]{8}\..*\.tmp")
 
 
 @contextlib.contextmanager
@@ -39,7 +42,11 @@ def record_figures():
             )
         # matplotlib truncates the pixel size (Agg canvas)
         size = (int(w * dpi + 1e-6), int(h * dpi + 1e-6))
-        records.append({"path": Path(fname), "size_px": size, "axes": axes})
+        path = Path(fname)
+        m = _ATOMIC_TMP.fullmatch(path.name)
+        if m:  # tdq writes figures through `tdq.utils.io.atomic_write`: record the name they are renamed to
+            path = path.with_name(m.group(1))
+        records.append({"path": path, "size_px": size, "axes": axes})
         return original(self, fname, *args, **kwargs)
 
     Figure.savefig = savefig

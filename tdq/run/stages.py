@@ -371,6 +371,18 @@ def sample(ctx: RunContext) -> None:
         }
 
 
+def _nan_metrics_of(metrics: dict, indices: list[int]) -> None:
+    """Set the per-image values at `indices` and every mean that includes them to NaN (in place)."""
+    for key in [k for k in metrics if k.endswith("_per_image")]:
+        values = list(metrics[key])
+        for i in indices:
+            values[i] = float("nan")
+        metrics[key] = values
+        base = key[: -len("_per_image")]
+        if base in metrics:
+            metrics[base] = float("nan")
+
+
 def evaluate(ctx: RunContext) -> None:
     """
     Metrics (main process): paired FP-vs-quantized metrics, FID/KID, trajectory drift, and the `noise_floor`,
@@ -381,14 +393,20 @@ def evaluate(ctx: RunContext) -> None:
     ev, fp, q, nf = ctx.cfg.eval, ctx.fp, ctx.q, ctx.noise_floor
     kid_kw = {"kid_subsets": ev.kid_subsets, "kid_subset_size": 1000, "seed": 0}
     with ctx.timer("metrics"):
+        # non-finite quantized samples (counted in the `quantizer` section) get NaN metrics, never dropped; the
+        # metric functions refuse such images, so they are measured on a stand-in and their values replaced.
+        bad = ~torch.isfinite(q.images).flatten(1).all(1)
+        q_images = torch.where(bad.view(-1, 1, 1, 1), fp.images, q.images) if bool(bad.any()) else q.images
         metrics = paired_metrics(
             fp.images,
-            q.images,
+            q_images,
             feature=None,
             lpips_nets=tuple(ev.lpips_nets),
             cache_dir=ev.assets_dir,
             device=ctx.device,
         )
+        if bool(bad.any()):
+            _nan_metrics_of(metrics, bad.nonzero().flatten().tolist())
         if "inception" in ctx.extractors:
             fp_in, q_in = ctx.fp_feats["inception"], ctx.q_feats["inception"]
             dist = data_eval.distribution_metrics(fp_in, q_in, **kid_kw)

@@ -170,6 +170,11 @@ class EvalConfig:
             of the run (FP, calibration, quantized); `None` takes `model.guidance_scale` (or the pipeline default).
         prompt_template (`str`, *optional*): text-to-image prompt (`{}` = class name of the seed); `None` takes
             `model.prompt_template`.
+        prompts_file (`str`, *optional*): a benchmark's prompts for conditional models, one per sample cycle
+            (`.txt` one per line, `.json` list, or `.csv` with a `prompt`/`caption` column and an optional `label`
+            column, the judge class): seed `s` takes entry `s % len(prompts)`. Captions for text-to-image models
+            (replacing `prompt_template`), class names for class-conditional models. See
+            [`~tdq.sampling.prompts.load_prompts`].
         clip (`str`, *optional*, defaults to `"auto"`): CLIP for the CLIPScore of text-to-image samples: a local
             `CLIPModel` + `CLIPProcessor` folder, `"none"`, or `"auto"` (the bundled in-domain `mnist-clip` for
             text-to-image models named `mnist*`).
@@ -194,6 +199,7 @@ class EvalConfig:
     kid_subsets: int = 100
     guidance_scale: float | None = None
     prompt_template: str | None = None
+    prompts_file: str | None = None
     clip: str = "auto"
     clip_batch_size: int = 64
 
@@ -202,7 +208,7 @@ class EvalConfig:
         _check_sampler_fields(self, prefix)
         check_field(self.feature, f"{prefix}.feature", "choice", choices=("inception", "none"))
         check_field(self.lpips_nets, f"{prefix}.lpips_nets", "str_list", choices=("alex", "vgg"))
-        for name in ("assets_dir", "cache_dir", "prompt_template"):
+        for name in ("assets_dir", "cache_dir", "prompt_template", "prompts_file"):
             check_field(getattr(self, name), f"{prefix}.{name}", "str", optional=True)
         for name in ("cache", "noise_floor"):
             check_field(getattr(self, name), f"{prefix}.{name}", "bool")

@@ -66,6 +66,7 @@ class RunContext:
         spec_extra (`dict`): everything besides the denoiser that changes FP samples (reference-cache key).
         cache (`ReferenceCache`, *optional*): the reference cache (`None`: disabled).
         cache_report (`dict`): the report's `reference_cache` section (hit/miss per entry).
+        prompt_list (`PromptList`, *optional*): prompts of `eval.prompts_file` (conditional models; stage `load`).
         fp (`SampleResult`, *optional*): FP samples of the evaluation seeds (stage `reference`).
         fp_spec (`dict`, *optional*): their cache spec.
         noise_floor (`SampleResult`, *optional*): FP samples of the noise-floor seeds.
@@ -106,6 +107,7 @@ class RunContext:
     spec_extra: dict[str, Any] = field(default_factory=dict)
     cache: ReferenceCache | None = None
     cache_report: dict[str, Any] = field(default_factory=dict)
+    prompt_list: Any = None
     # reference
     fp: SampleResult | None = None
     fp_spec: dict[str, Any] | None = None
@@ -184,6 +186,7 @@ class RunContext:
             make_scheduler(self.model.scheduler, section.scheduler),
             guidance_scale=ev.guidance_scale,
             prompt_template=ev.prompt_template,
+            prompt_list=self.prompt_list,
             num_inference_steps=section.num_inference_steps,
             batch_size=section.batch_size,
             device=self.device,

@@ -187,12 +187,8 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> LoadedModel:
         )
     vae.eval().requires_grad_(False).to(device)
     if unet is not None and text_encoder is not None:
-        if not cfg.class_names:
-            raise ValueError(
-                f"{cfg.name}: model.class_names must list the names filled into model.prompt_template "
-                f"({cfg.prompt_template!r}) for a text-to-image model"
-            )
-        if "{}" not in cfg.prompt_template:
+        # class names are filled into the template; without them the prompts come from eval.prompts_file
+        if cfg.class_names and "{}" not in cfg.prompt_template:
             raise ValueError(
                 f"model.prompt_template={cfg.prompt_template!r} has no '{{}}' for the class name"
             )
@@ -210,7 +206,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> LoadedModel:
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=pipe.tokenizer,
-            class_names=list(cfg.class_names),
+            class_names=list(cfg.class_names or []),
             guidance_scale=7.5 if cfg.guidance_scale is None else float(cfg.guidance_scale),
             prompt_template=cfg.prompt_template,
             crop=cfg.crop,

@@ -199,17 +199,31 @@ def _conditioning_section(
     from tdq.eval import data as data_eval
 
     cond = smp.conditioning
-    labels = cond.labels(seeds)
+    labels = cond.labels(seeds) if cond.has_labels else None
     out: dict[str, Any] = {
         "kind": m.kind,
         "guidance_scale": smp.guidance_scale,
         "class_names": cond.class_names,
-        "label_rule": "class = seed % num_classes",
-        "labels_histogram": torch.bincount(torch.tensor(labels), minlength=cond.num_classes).tolist(),
     }
-    if m.kind == "t2i":
+    if cond.prompt_list is not None:
+        out["prompts_file"] = cond.describe()["prompts_file"]
+        out["label_rule"] = "prompt = prompts_file entry seed % entries" + (
+            ", class = that entry's label" if labels is not None else " (the file has no labels)"
+        )
+        out["prompts_histogram"] = torch.bincount(
+            torch.tensor(cond.entries(seeds)), minlength=cond.num_entries
+        ).tolist()
+    else:
+        out["label_rule"] = "class = seed % num_classes"
+    if labels is not None:
+        out["labels_histogram"] = torch.bincount(torch.tensor(labels), minlength=cond.num_classes).tolist()
+    if m.kind == "t2i" and cond.prompt_list is None:
         out["prompt_template"] = cond.prompt_template
-    if (
+    skip_judge = f"no judge for {m.name!r} images of shape {list(m.eval_shape)}"
+    if labels is None:
+        judge = None
+        skip_judge = "the prompts file gives no labels, so class accuracy has no reference"
+    elif (
         judge is None
         and m.name.lower().startswith("mnist")
         and data_eval.judge_applies("mnist-test", m.eval_shape)
@@ -229,7 +243,7 @@ def _conditioning_section(
         }
     else:
         out["judge"] = None
-        out["judge_skipped"] = f"no judge for {m.name!r} images of shape {list(m.eval_shape)}"
+        out["judge_skipped"] = skip_judge
     clip_dir = _resolve_clip(ev.clip, m)
     if clip_dir is not None:
         from tdq.eval.clip import clip_score, load_clip
@@ -392,11 +406,21 @@ def _conditioning_markdown(report: dict[str, Any]) -> list[str]:
     cond = report.get("conditioning")
     if not cond:
         return []
+    pf = cond.get("prompts_file")
+    if pf:
+        rule = (
+            f"Sample of seed `s` takes entry `s % {pf['entries']}` of the prompts file `{pf['path']}` "
+            f"(sha256 `{pf['sha256'][:12]}`)"
+            + ("." if cond.get("labels_histogram") is not None else "; the file gives no labels.")
+        )
+    else:
+        rule = f"Sample of seed `s` is conditioned on class `s % {len(cond['class_names'])}`" + (
+            f", prompt `{cond['prompt_template']}`." if cond.get("prompt_template") else "."
+        )
     lines = [
         f"## Conditioning ({cond['kind']}, guidance scale {_f(cond['guidance_scale'])})",
         "",
-        f"Sample of seed `s` is conditioned on class `s % {len(cond['class_names'])}`"
-        + (f", prompt `{cond['prompt_template']}`." if cond.get("prompt_template") else "."),
+        rule,
         "",
         "| set | class accuracy (judge) | mean confidence | CLIPScore |",
         "|---|---|---|---|",

@@ -155,8 +155,47 @@ def load(ctx: RunContext) -> None:
                 + state_dict_fingerprint(m.text_encoder.state_dict(), skip=None)
             )
     ev = ctx.cfg.eval
+    if ev.prompts_file is not None:
+        ctx.prompt_list = _load_prompt_list(ctx, ev.prompts_file)
+    elif m.kind == "t2i" and not m.class_names:
+        from tdq.errors import ConfigError
+
+        raise ConfigError(
+            f"{m.name}: a text-to-image model needs eval.prompts_file (captions) or model.class_names (filled "
+            f"into model.prompt_template={m.prompt_template!r})"
+        )
+    if m.kind == "t2i" and ev.clip not in ("auto", "none"):
+        from pathlib import Path
+
+        from tdq.errors import ConfigError
+
+        if not (Path(ev.clip) / "config.json").is_file():  # fail before the long FP sampling, not after it
+            raise ConfigError(
+                f"eval.clip={ev.clip!r}: no CLIP model there (config.json missing); give a local folder holding a "
+                "transformers CLIPModel and CLIPProcessor, 'auto' or 'none'"
+            )
     ctx.cache = ReferenceCache(ev.cache_dir or None) if ev.cache else None
     ctx.cache_report["dir"] = str(ctx.cache.root) if ctx.cache else None
+
+
+def _load_prompt_list(ctx: RunContext, path: str):
+    """`eval.prompts_file` read and checked against the model (its class names, its number of classes)."""
+    from tdq.errors import ConfigError
+    from tdq.sampling.conditioning import model_conditioning
+    from tdq.sampling.prompts import PromptFileError, load_prompts
+
+    m = ctx.model
+    if not ctx.latent:
+        raise ConfigError(
+            f"eval.prompts_file={path!r}: model {m.name!r} is unconditional (pixel); prompt files are for "
+            "text-to-image and class-conditional models"
+        )
+    try:
+        prompt_list = load_prompts(path)
+        model_conditioning(m, ctx.cfg.eval.prompt_template, prompt_list)  # class names / labels checked here
+    except (PromptFileError, ValueError) as e:
+        raise ConfigError(f"eval.prompts_file: {e}") from None
+    return prompt_list
 
 
 def reference(ctx: RunContext) -> None:

@@ -10,13 +10,16 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from tdq.sampling.prompts import PromptList
     from tdq.sampling.samplers import LatentDiffusionSampler
 
 
 class Conditioning:
     r"""
     The conditioning of every sample, derived from its seed: class `seed % len(class_names)`, and for text models
-    the prompt `prompt_template.format(class_names[class])`.
+    the prompt `prompt_template.format(class_names[class])`. With a prompt list (a benchmark's prompt file, see
+    [`~tdq.sampling.prompts.load_prompts`]) seed `s` takes entry `s % len(prompts)` instead: a caption for text
+    models (its judge class is the file's label, if any), a class name for class models.
 
     Text models are encoded as `StableDiffusionPipeline.encode_prompt` does (tokenizer padded to
     `model_max_length`, `text_encoder(ids)[0]`, the empty prompt as the unconditional input); the prompts of all
@@ -29,6 +32,7 @@ class Conditioning:
         text_encoder (`nn.Module`, *optional*): the text encoder (text models).
         tokenizer (*optional*): its tokenizer (text models).
         null_class (`int`, *optional*, defaults to `1000`): unconditional class label (DiT's `class_null`).
+        prompt_list (`PromptList`, *optional*): prompts read from a file (replaces the class-name cycle).
     """
 
     def __init__(
@@ -39,11 +43,15 @@ class Conditioning:
         text_encoder: nn.Module | None = None,
         tokenizer: Any = None,
         null_class: int = 1000,
+        prompt_list: PromptList | None = None,
     ):
         if kind not in ("t2i", "class"):
             raise ValueError(f"conditioning kind={kind!r} is unknown; choose 't2i' or 'class'")
-        if not class_names:
-            raise ValueError("conditioning needs at least one class name")
+        if not class_names and (kind == "class" or prompt_list is None):
+            raise ValueError(
+                "conditioning needs class names (model.class_names) or, for text-to-image models, a prompt "
+                "file (eval.prompts_file)"
+            )
         if kind == "t2i" and (text_encoder is None or tokenizer is None or not prompt_template):
             raise ValueError("text conditioning needs a text_encoder, a tokenizer and a prompt_template")
         self.kind = kind
@@ -52,7 +60,50 @@ class Conditioning:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.null_class = int(null_class)
+        self.prompt_list = prompt_list
+        self._class_of_entry: list[int] | None = None
+        if prompt_list is not None:
+            self._class_of_entry = self._entry_classes(prompt_list)
         self._embeddings: torch.Tensor | None = None
+
+    def _entry_classes(self, pl: PromptList) -> list[int] | None:
+        """The judge/class label of every prompt-file entry (`None`: the file gives none)."""
+        if self.kind == "class":
+            index = {n: i for i, n in enumerate(self.class_names)}
+            out = []
+            for i, name in enumerate(pl.prompts):
+                if name not in index:
+                    raise ValueError(
+                        f"{pl.path}: entry {i + 1} {name!r} is not a class name of this model "
+                        f"(e.g. {self.class_names[:5]})"
+                    )
+                out.append(index[name])
+            return out
+        if pl.labels is None:
+            return None
+        bad = [
+            (i + 1, lab) for i, lab in enumerate(pl.labels) if self.class_names and lab >= self.num_classes
+        ]
+        if bad:
+            raise ValueError(
+                f"{pl.path}: label {bad[0][1]} of entry {bad[0][0]} is outside the model's "
+                f"{self.num_classes} classes"
+            )
+        return list(pl.labels)
+
+    @property
+    def num_entries(self) -> int:
+        """Number of conditioning entries the seeds cycle through (prompt-file entries or classes)."""
+        return len(self.prompt_list.prompts) if self.prompt_list is not None else self.num_classes
+
+    def entries(self, seeds: Sequence[int]) -> list[int]:
+        """The conditioning entry of every seed (`seed % num_entries`)."""
+        return [int(s) % self.num_entries for s in seeds]
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether every sample has a known class (for class accuracy by the judge)."""
+        return self.prompt_list is None or self._class_of_entry is not None
 
     @property
     def num_classes(self) -> int:
@@ -60,20 +111,37 @@ class Conditioning:
         return len(self.class_names)
 
     def labels(self, seeds: Sequence[int]) -> list[int]:
-        """The class of every seed (`seed % num_classes`)."""
-        return [int(s) % self.num_classes for s in seeds]
+        """
+        The class of every seed (`seed % num_classes`, or the prompt-file entry's class).
+
+        Raises:
+            `ValueError`: the prompt file gives no labels (check `has_labels` first).
+        """
+        if self.prompt_list is None:
+            return [int(s) % self.num_classes for s in seeds]
+        if self._class_of_entry is None:
+            raise ValueError(f"{self.prompt_list.path}: the prompt file has no labels")
+        return [self._class_of_entry[e] for e in self.entries(seeds)]
 
     def prompts(self, seeds: Sequence[int]) -> list[str]:
         """The text prompt of every seed (class name for class models)."""
+        if self.prompt_list is not None:
+            return [self.prompt_list.prompts[e] for e in self.entries(seeds)]
         if self.kind == "class":
             return [self.class_names[c] for c in self.labels(seeds)]
         return [self.prompt_template.format(self.class_names[c]) for c in self.labels(seeds)]
 
     @torch.no_grad()
     def class_embeddings(self) -> torch.Tensor:
-        """Text embeddings `[num_classes + 1, L, D]`: every class prompt, then the empty (unconditional) prompt."""
+        """
+        Text embeddings `[num_entries + 1, L, D]`: every class prompt (or prompt-file entry), then the empty
+        (unconditional) prompt.
+        """
         if self._embeddings is None:
-            texts = [self.prompt_template.format(n) for n in self.class_names] + [""]
+            if self.prompt_list is not None:
+                texts = [*self.prompt_list.prompts, ""]
+            else:
+                texts = [self.prompt_template.format(n) for n in self.class_names] + [""]
             ids = self.tokenizer(
                 texts,
                 padding="max_length",
@@ -90,11 +158,10 @@ class Conditioning:
 
     def cond(self, seeds: Sequence[int], device: str | torch.device) -> torch.Tensor:
         """The conditional input of the seeds: text embeddings `[N, L, D]` or class labels `[N]`."""
-        labels = torch.tensor(self.labels(seeds), dtype=torch.long)
         if self.kind == "class":
-            return labels.to(device)
+            return torch.tensor(self.labels(seeds), dtype=torch.long).to(device)
         emb = self.class_embeddings()
-        return emb[labels.to(emb.device)].to(device)
+        return emb[torch.tensor(self.entries(seeds), dtype=torch.long).to(emb.device)].to(device)
 
     def uncond(self, n: int, device: str | torch.device) -> torch.Tensor:
         """The unconditional input of `n` samples: empty-prompt embeddings or the null class."""
@@ -110,14 +177,19 @@ class Conditioning:
     def describe(self) -> dict[str, Any]:
         """JSON-safe description (cache keys, reports)."""
         d: dict[str, Any] = {"kind": self.kind, "class_names": self.class_names}
-        if self.kind == "t2i":
+        if self.kind == "t2i" and self.prompt_list is None:
             d["prompt_template"] = self.prompt_template
-        else:
+        if self.kind == "class":
             d["null_class"] = self.null_class
+        if self.prompt_list is not None:
+            pl = self.prompt_list
+            d["prompts_file"] = {"path": pl.path, "sha256": pl.sha256, "entries": len(pl.prompts)}
         return d
 
 
-def model_conditioning(model, prompt_template: str | None = None) -> Conditioning:
+def model_conditioning(
+    model, prompt_template: str | None = None, prompt_list: PromptList | None = None
+) -> Conditioning:
     r"""
     The [`Conditioning`] of a conditional [`~tdq.run.models.LoadedModel`] (cached on it, so text prompts are encoded
     once per run).
@@ -125,19 +197,22 @@ def model_conditioning(model, prompt_template: str | None = None) -> Conditionin
     Args:
         model (`LoadedModel`): a `"t2i"` or `"class"` model.
         prompt_template (`str`, *optional*): overrides the model's prompt template.
+        prompt_list (`PromptList`, *optional*): prompts from a file (replaces the template and the class cycle).
     """
     template = prompt_template or model.prompt_template
     cache = model.__dict__.setdefault("_conditioning", {})
-    if template not in cache:
-        cache[template] = Conditioning(
+    key = (template, None if prompt_list is None else (prompt_list.path, prompt_list.sha256))
+    if key not in cache:
+        cache[key] = Conditioning(
             model.kind,
             model.class_names,
             prompt_template=template,
             text_encoder=model.text_encoder,
             tokenizer=model.tokenizer,
             null_class=model.null_class,
+            prompt_list=prompt_list,
         )
-    return cache[template]
+    return cache[key]
 
 
 class ConditionedForward:

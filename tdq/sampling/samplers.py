@@ -295,6 +295,7 @@ def make_sampler(
     *,
     guidance_scale: float | None = None,
     prompt_template: str | None = None,
+    prompt_list=None,
     **kwargs,
 ) -> DiffusionSampler:
     r"""
@@ -306,6 +307,8 @@ def make_sampler(
         scheduler (`SchedulerMixin`, *optional*): the scheduler (default: the model's).
         guidance_scale (`float`, *optional*): overrides the model's guidance scale.
         prompt_template (`str`, *optional*): overrides the model's prompt template.
+        prompt_list (`PromptList`, *optional*): prompts read from a file ([`~tdq.sampling.prompts.load_prompts`]):
+            seed `s` takes entry `s % len(prompts)`.
         **kwargs: `num_inference_steps`, `eta`, `batch_size`, `device`, `record_trajectory`, `progress`.
 
     Returns:
@@ -319,7 +322,7 @@ def make_sampler(
         scheduler,
         model.latent_shape,
         model.vae,
-        model_conditioning(model, prompt_template),
+        model_conditioning(model, prompt_template, prompt_list),
         guidance_scale=model.guidance_scale if guidance_scale is None else guidance_scale,
         **kwargs,
     )

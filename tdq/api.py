@@ -16,7 +16,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -47,6 +47,7 @@ class QuantizationInfo:
         hook (`TimestepHook` or `None`): the installed hook, if any.
         filtered (`bool`): whether a `filter_fn` narrowed the layer selection (saved states then list the layers).
         outliers (`tdq.outliers.OutlierDiagnosis` or `None`): the outlier diagnosis of the last calibration.
+        boundary (`dict` or `None`): the boundary layers of the last calibration (`tdq.boundary`).
     """
 
     config: TDQConfig
@@ -56,6 +57,8 @@ class QuantizationInfo:
     hook: TimestepHook | None = None
     filtered: bool = False
     outliers: object | None = None
+    boundary: dict | None = None
+    first_call: dict = field(default_factory=dict, repr=False)
 
 
 def select_layers(
@@ -229,6 +232,12 @@ def prepare(model: nn.Module, seed: int = 0) -> None:
             m.act_quantizer.reset_()
             m._wq_cache = None
     attach_stats(model, seed=seed)
+    state = get_quantization(model)
+    state.first_call.clear()
+    if state.config.boundary_act_bits:
+        from tdq.boundary import record_first_call
+
+        state.first_call["handle"] = record_first_call(model, state.first_call)
     for i, (_, m) in enumerate(layers):
         m.act_quantizer.start_observing(seed=seed + 1000 * i)
     for i, (_, q) in enumerate(iter_attention_quantizers(model), start=len(layers)):
@@ -241,6 +250,10 @@ def _abort_calibration(model: nn.Module) -> None:
     """Leave every activation quantizer in a defined state after a failed calibration: observers dropped, quant
     mode; layers that were not converted keep their previous scales (none on a first calibration, so using them
     raises `NotCalibratedError`)."""
+    rec = get_quantization(model).first_call
+    if "handle" in rec:
+        rec.pop("handle").remove()
+    rec.clear()
     quantizers = [m.act_quantizer for _, m in iter_quant_layers(model)]
     for q in quantizers + [q for _, q in iter_attention_quantizers(model)]:
         q.observers = None
@@ -279,8 +292,13 @@ def convert(model: nn.Module) -> dict[str, list[int]]:
         logger.warning(
             "calibration did not reach bucket(s) %s; they use the nearest calibrated bucket's range", some
         )
+    from tdq.boundary import promote_boundary_layers
     from tdq.outliers import after_calibration
 
+    rec = get_quantization(model).first_call
+    if "handle" in rec:
+        rec.pop("handle").remove()
+    promote_boundary_layers(model, rec.pop("call", None))
     after_calibration(model)
     return filled
 

@@ -121,6 +121,7 @@ def _schedule_section(ctx: RunContext) -> dict[str, Any]:
             "objective_uniform_8bit": schedule_objective(profile, plan_uniform(profile, 8, 8)),
             "budget_rows": meta.get("budget_rows"),
             "fallback": meta.get("fallback"),
+            "float_cells": [{"layer": n, "bucket": k} for n, k in ctx.schedule.float_cells()],
             "solver": meta.get("solver"),
             "costs": schedule_costs(
                 ctx.schedule, macs=profile.macs, weight_numel=profile.meta.get("weight_numel")
@@ -471,6 +472,20 @@ def _schedule_markdown(report: dict[str, Any]) -> list[str]:
         )
     elif sc["planner"] == "milp":
         lines.append("The MILP planner's own schedule is used (no fallback to uniform).")
+    cells = sc.get("float_cells") or []
+    if cells:
+        by_layer: dict[str, list[int]] = {}
+        for c in cells:
+            by_layer.setdefault(c["layer"], []).append(int(c["bucket"]))
+        lines += [
+            "",
+            f"Float fallback: {len(cells)} (layer, bucket) cells keep their input in float (16 bits in the average, "
+            "MACs x 32 x 32 BOPs):",
+            "",
+            "| layer | buckets in float |",
+            "|---|---|",
+            *(f"| `{n}` | {', '.join(map(str, ks))} |" for n, ks in by_layer.items()),
+        ]
     lines.append("")
     return lines
 

@@ -30,8 +30,14 @@ def _brute_force(profile, act_cands, w_cands, avg_act, avg_w):
     act_noise = (profile.act_range.numpy()[..., None] / (2**ab - 1)) ** 2 / 12
     act_noise = np.where(ab >= 16, 0.0, act_noise)
     act_cost = profile.act_fisher.numpy()[..., None] * act_noise
-    w_cost = profile.weight_fisher.numpy().sum(1)[:, None] * (profile.weight_range.numpy()[:, None] / (2**wb - 1)) ** 2 / 12
-    a_idx = np.array(list(itertools.product(range(len(ab)), repeat=num_layers * k))).reshape(-1, num_layers, k)
+    w_cost = (
+        profile.weight_fisher.numpy().sum(1)[:, None]
+        * (profile.weight_range.numpy()[:, None] / (2**wb - 1)) ** 2
+        / 12
+    )
+    a_idx = np.array(list(itertools.product(range(len(ab)), repeat=num_layers * k))).reshape(
+        -1, num_layers, k
+    )
     w_idx = np.array(list(itertools.product(range(len(wb)), repeat=num_layers)))
     lay = np.arange(num_layers)
     a_obj = act_cost[lay[None, :, None], np.arange(k)[None, None, :], a_idx].sum((1, 2))
@@ -53,7 +59,11 @@ def _plan(profile, budget):
 def test_milp_with_float_candidate_matches_brute_force(avg_act):
     profile = make_profile(num_layers=3, num_buckets=2, seed=7)
     budget = PrecisionBudget(
-        avg_act_bits=avg_act, avg_weight_bits=6.0, act_candidates=(4, 8), weight_candidates=(4, 8), float_fallback=True
+        avg_act_bits=avg_act,
+        avg_weight_bits=6.0,
+        act_candidates=(4, 8),
+        weight_candidates=(4, 8),
+        float_fallback=True,
     )
     assert budget.act_candidates == (4, 8, 16)
     sched = _plan(profile, budget)
@@ -77,8 +87,7 @@ def test_sixteen_in_candidates_is_float_and_costs_count_32x32():
     cells = sa.float_cells()
     assert cells and all(int(sa.act_bits[sa.layers.index(n), k]) == 16 for n, k in cells)
     assert schedule_objective(profile, sa, split=True)["act"] == pytest.approx(
-        schedule_objective(profile, _float_free(sa), split=True)["act"]
-        - _float_free_error(profile, sa),
+        schedule_objective(profile, _float_free(sa), split=True)["act"] - _float_free_error(profile, sa),
         rel=1e-9,
     )
     macs = profile.macs.double().numpy()
@@ -138,7 +147,11 @@ def _quantized_tiny(attention=False):
     with tdq.calibration(model), torch.no_grad():
         for t in (20.0, 480.0, 950.0):
             model(**denoiser_inputs(model, t=t))
-    layers = [n for n, m in model.named_modules() if hasattr(m, "act_quantizer") and callable(getattr(m, "set_bits", None))]
+    layers = [
+        n
+        for n, m in model.named_modules()
+        if hasattr(m, "act_quantizer") and callable(getattr(m, "set_bits", None))
+    ]
     k = model.get_submodule(layers[0]).act_quantizer.num_buckets
     return model, layers, k
 
@@ -170,7 +183,9 @@ def test_apply_refuses_attention_quantizers_without_attention_bits():
     model, layers, k = _quantized_tiny(attention=True)
     attn = list(iter_attention_quantizers(model))
     assert attn
-    sched = PrecisionSchedule(layers, torch.full((len(layers), k), 6), torch.full((len(layers),), 8), {"num_buckets": k})
+    sched = PrecisionSchedule(
+        layers, torch.full((len(layers), k), 6), torch.full((len(layers),), 8), {"num_buckets": k}
+    )
     with pytest.raises(ValueError, match="attention_bits"):
         sched.apply_(model)
     with pytest.raises(ValueError, match="attention_bits"):

@@ -293,7 +293,9 @@ class PrecisionSchedule:
                     "their bit-width"
                 )
             if not _is_int(attention_bits) or int(attention_bits) not in ACT_BITS:
-                raise ValueError(f"attention_bits={attention_bits!r} must be an integer in {ACT_BITS[0]}..{ACT_BITS[-1]}")
+                raise ValueError(
+                    f"attention_bits={attention_bits!r} must be an integer in {ACT_BITS[0]}..{ACT_BITS[-1]}"
+                )
         modules = []
         for name in self.layers:
             try:

@@ -371,16 +371,21 @@ def _data_markdown(report: dict[str, Any]) -> list[str]:
     if j:
         lines += [
             "",
-            "| judge (ccexam MNIST classifier) | mean top-1 confidence | class entropy [bits] | accuracy |",
-            "|---|---|---|---|",
+            "| judge (ccexam MNIST classifier) | mean top-1 confidence | class entropy [bits] | IS (judge) | accuracy |",
+            "|---|---|---|---|---|",
         ]
         for label in ("real", "fp", "fp_other_seeds", "quantized"):
             if label in j:
                 c = j[label]
                 lines.append(
                     f"| {label} | {_f(c['mean_confidence'])} | {_f(c['class_entropy_bits'])} | "
-                    f"{_f(c.get('accuracy'))} |"
+                    f"{_f(c.get('inception_score'))} | {_f(c.get('accuracy'))} |"
                 )
+        lines += [
+            "",
+            "IS (judge): the Inception Score formula exp(E KL(p(y|x) || p(y))) on the MNIST judge's logits (1 to 10), "
+            "not ImageNet Inception-v3 IS.",
+        ]
         lines += [
             "",
             f"Same predicted digit for FP and quantized (same seed): {_f(j['class_agreement_fp_vs_quantized'])}.",

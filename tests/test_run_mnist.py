@@ -20,34 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "tdq" / "configs"
+from tdq.testing.runs import MNIST_TEST_RUN, compose_run
 
-SMALL = [
-    "model=mnist-ddpm",
-    "schedule=none",
-    "eval.num_samples=8",
-    "eval.num_inference_steps=10",
-    "eval.batch_size=8",
-    "eval.feature=none",
-    "eval.noise_floor=false",
-    "calibration.num_samples=4",
-    "calibration.num_inference_steps=10",
-    "calibration.batch_size=4",
-    "progress=false",
-    "threads=1",
-]
+SMALL = list(MNIST_TEST_RUN)
 
 
 def _run(overrides: list[str], run_dir: Path) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from tdq.run.cli import register_schemas
     from tdq.run.job import run_experiment
 
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return run_experiment(cfg, run_dir)
+    return run_experiment(compose_run(overrides), run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,9 @@ def test_w8a8_timestep_aware_close_to_fp(reports):
     assert 0 < r["drift"][-1] <= 0.16, r["drift"]  # measured 0.035..0.078
     # class agreement with FP under the MNIST judge (measured 1.0)
     assert r["data"]["judge_classes"]["class_agreement_fp_vs_quantized"] >= 0.75
+    # judge-IS beside FID/KID: between 1 and the 10 classes for every set
+    for label in ("real", "fp", "quantized"):
+        assert 1.0 <= r["data"]["judge_classes"][label]["inception_score"] <= 10.0 + 1e-9, label
 
 
 @pytest.mark.timeout(600)

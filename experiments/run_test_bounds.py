@@ -24,42 +24,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tdq, not another install's
 from _common import env_info  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = Path(__file__).resolve().parents[1] / "tdq" / "configs"
+from tdq.testing.runs import MNIST_TEST_RUN, compose_run  # noqa: E402
 
-# The test's size (keep in step with tests/test_run_mnist.py).
-SMALL = [
-    "model=mnist-ddpm",
-    "schedule=none",
-    "eval.num_samples=8",
-    "eval.num_inference_steps=10",
-    "eval.batch_size=8",
-    "eval.feature=none",
-    "eval.noise_floor=false",
-    "calibration.num_samples=4",
-    "calibration.num_inference_steps=10",
-    "calibration.batch_size=4",
-    "progress=false",
-    "threads=1",
-]
+RESULTS = Path(__file__).resolve().parent / "results"
+# The test's size (shared with tests/test_run_mnist.py).
+SMALL = list(MNIST_TEST_RUN)
 ROWS = {
     "tdq-w8a8": ["quant=w8a8"],
     "tdq-w8a6": ["quant=w8a8", "quant.activation.bits=6"],
     "static-w8a8": ["quant=w8a8-static"],
     "static-w8a6": ["quant=w8a8-static", "quant.activation.bits=6"],
 }
-
-
-def compose(overrides: list[str]):
-    """The `tdq run` config for these overrides (as the command line would build it)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from tdq.run.cli import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def main() -> None:
@@ -76,7 +51,7 @@ def main() -> None:
         for r in range(args.repeats):
             seeds = [f"eval.seed={1000 * r}", f"calibration.seed={100000 + 1000 * r}"]
             for name, extra in ROWS.items():
-                cfg = compose([*SMALL, *seeds, *extra, *args.extra, f"eval.cache_dir={tmp}/cache"])
+                cfg = compose_run([*SMALL, *seeds, *extra, *args.extra, f"eval.cache_dir={tmp}/cache"])
                 rep = run_experiment(cfg, Path(tmp) / f"{name}-{r}")
                 rows.append(
                     {

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from test_rounding import _correlated_inputs as _inputs
+from test_rounding import _one_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 
 import tdq
@@ -12,21 +14,6 @@ from tdq.quant.quantizers import TimestepContext
 from tdq.rounding import PairedStats, adaround_layer_, calibrate_with_rounding
 from tdq.rounding.gptq import column_grid, nearest_codes
 from tdq.testing import denoiser_inputs, tiny_unet2d
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=g) / d**0.5
-    scales = torch.logspace(0, 1.5, d)[torch.randperm(d, generator=g)]
-    return (torch.randn(n, d, generator=g) * scales) @ mix + 0.3
 
 
 @pytest.mark.parametrize("act_bits", [16, 6])

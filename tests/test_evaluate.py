@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 import tdq
 from tdq.errors import ConfigError
 from tdq.run import quantizers
+from tdq.run.config import ScheduleConfig
 from tdq.run.job import run_experiment
 
 # A tiny random UNet, few seeds and steps, no feature networks: each run takes about a second.
@@ -121,6 +123,16 @@ def test_unknown_quantizer_lists_the_available_ones(tmp_path):
         tdq.evaluate("tdq", overrides=["quantizer=nope"])
     with pytest.raises(ConfigError, match="backend='x86' lowers tdq's own quantization only"):
         run_experiment({**SMALL, "backend": "x86", "quantizer": {"name": "static"}}, tmp_path / "be")
+    # schedule settings a non-tdq quantizer would silently ignore are refused, naming the field
+    for sched, field in [
+        ({"planner": "none", "float_fallback": True}, "float_fallback"),
+        ({"planner": "uniform"}, "planner"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"schedule\.{field}=.*quantizer 'static' does not use"):
+            run_experiment({**SMALL, "schedule": sched, "quantizer": {"name": "static"}}, tmp_path / "sc")
+    quantizers.check_schedule_unused(
+        SimpleNamespace(schedule=ScheduleConfig()), quantizers.get_quantizer("static")
+    )
 
 
 def test_quantizer_must_return_a_module(tmp_path):

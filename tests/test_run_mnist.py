@@ -20,34 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "tdq" / "configs"
+from tdq.testing.runs import MNIST_TEST_RUN, compose_run
 
-SMALL = [
-    "model=mnist-ddpm",
-    "schedule=none",
-    "eval.num_samples=8",
-    "eval.num_inference_steps=10",
-    "eval.batch_size=8",
-    "eval.feature=none",
-    "eval.noise_floor=false",
-    "calibration.num_samples=4",
-    "calibration.num_inference_steps=10",
-    "calibration.batch_size=4",
-    "progress=false",
-    "threads=1",
-]
+SMALL = list(MNIST_TEST_RUN)
 
 
 def _run(overrides: list[str], run_dir: Path) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from tdq.run.cli import register_schemas
     from tdq.run.job import run_experiment
 
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return run_experiment(cfg, run_dir)
+    return run_experiment(compose_run(overrides), run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +54,9 @@ def test_w8a8_timestep_aware_close_to_fp(reports):
     assert 0 < r["drift"][-1] <= 0.16, r["drift"]  # measured 0.035..0.078
     # class agreement with FP under the MNIST judge (measured 1.0)
     assert r["data"]["judge_classes"]["class_agreement_fp_vs_quantized"] >= 0.75
+    # judge-IS beside FID/KID: between 1 and the 10 classes for every set
+    for label in ("real", "fp", "quantized"):
+        assert 1.0 <= r["data"]["judge_classes"][label]["inception_score"] <= 10.0 + 1e-9, label
 
 
 @pytest.mark.timeout(600)

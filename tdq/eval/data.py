@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tdq.eval.inception_score import inception_score
 from tdq.eval.metrics import frechet_distance, kid_from_features
 from tdq.utils.io import sha256_bytes
 
@@ -177,16 +178,19 @@ def class_metrics(
     Returns:
         `dict`: ``mean_confidence`` (mean top-1 softmax probability: how clearly the samples look like *some*
         class), ``class_histogram`` (count of predicted classes), ``class_entropy_bits`` (entropy of that
-        histogram; log2(10) ≈ 3.32 is perfectly balanced), ``accuracy`` (when `labels` are given) and
+        histogram; log2(10) ≈ 3.32 is perfectly balanced), ``inception_score`` (judge-IS, `exp(E KL(p(y|x) ||
+        p(y)))` on the judge's logits, one split, see `tdq.eval.inception_score`), ``accuracy`` (when `labels` are
+        given) and
         ``predictions`` (per image).
     """
     device = next(judge.parameters()).device
-    probs = torch.cat(
+    logits = torch.cat(
         [
-            judge(images[i : i + batch_size].to(device).float()).float().softmax(-1).cpu()
+            judge(images[i : i + batch_size].to(device).float()).double().cpu()
             for i in range(0, images.shape[0], batch_size)
         ]
     )
+    probs = logits.softmax(-1).float()
     conf, pred = probs.max(-1)
     hist = torch.bincount(pred, minlength=probs.shape[1])
     p = hist.double() / max(1, int(hist.sum()))
@@ -196,6 +200,8 @@ def class_metrics(
         "class_histogram": hist.tolist(),
         "class_entropy_bits": entropy,
         "predictions": pred.tolist(),
+        # judge-IS: the Inception Score formula on the MNIST judge's logits (not ImageNet Inception-v3)
+        "inception_score": inception_score(logits)[0] if logits.shape[0] else None,
     }
     if labels is not None:
         out["accuracy"] = float((pred == labels.to(pred.device)).double().mean())

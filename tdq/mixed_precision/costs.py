@@ -2,7 +2,8 @@
 
 BOPs follow the usual definition for mixed-precision networks, `MACs × activation bits × weight bits` per layer,
 here averaged over timestep buckets by the sampler's step occupancy (each step runs one bucket's bit-widths).
-They are a cost model, not a measurement: tdq's integer backends run 8-bit kernels only.
+They are a cost model, not a measurement: tdq's integer backends run 8-bit kernels only. A float cell (activation
+bits >= 16: the input kept in floating point) runs a float matmul and counts `MACs × 32 × 32`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tdq.mixed_precision.schedule import PrecisionSchedule
+from tdq.mixed_precision.schedule import FLOAT_BITS, PrecisionSchedule
 
 __all__ = ["schedule_costs"]
 
@@ -59,10 +60,13 @@ def schedule_costs(
     occ = occ / occ.sum()
     a = schedule.act_bits.double().numpy()
     w = schedule.weight_bits.double().numpy()
-    out: dict[str, Any] = {"cost_model": "bops = MACs x act bits x weight bits; bytes = numel x bits / 8"}
+    out: dict[str, Any] = {
+        "cost_model": "bops = MACs x act bits x weight bits (float cells: 32 x 32); bytes = numel x bits / 8"
+    }
     if macs is not None:
         m = _vec(macs, num_layers, "macs")
-        bops = float((m[:, None] * a * w[:, None] * occ[None, :]).sum())
+        per_mac = np.where(a >= FLOAT_BITS, 32.0 * 32.0, a * w[:, None])  # float cells: a float matmul
+        bops = float((m[:, None] * per_mac * occ[None, :]).sum())
         fp = float(m.sum() * 32 * 32)
         out.update(bops=bops, bops_fp32=fp, bops_ratio=bops / fp if fp > 0 else None)
     else:

@@ -25,7 +25,7 @@ import torch
 
 from tdq.config import ACT_BITS, WEIGHT_BITS
 from tdq.mixed_precision.profile import SensitivityProfile
-from tdq.mixed_precision.schedule import PrecisionSchedule, _mac_weights
+from tdq.mixed_precision.schedule import FLOAT_BITS, PrecisionSchedule, _mac_weights
 
 __all__ = [
     "PrecisionBudget",
@@ -66,6 +66,11 @@ class PrecisionBudget:
             Upper bound on the latency of one sampler step relative to every layer at the largest candidates, from a
             per-layer cost table (see `plan_precision`; by default the bit-operation model MACs × act bits ×
             weight bits), with buckets weighted by step occupancy. E.g. `0.6` asks for at most 60 % of that cost.
+        float_fallback (`bool`, *optional*, defaults to `False`):
+            Add float (16-bit activations: the layer's input is kept in floating point) to the activation candidates,
+            so the planner may leave a (layer, bucket) unquantized when that is the best use of the budget. A float
+            cell has no quantization error in the objective, counts 16 bits in the average-bits budget and
+            `MACs × 32 × 32` in the bit-operation cost model. A 16 already in `act_candidates` is treated the same.
     """
 
     avg_act_bits: float | None = None
@@ -74,8 +79,13 @@ class PrecisionBudget:
     weight_candidates: tuple[int, ...] = (4, 6, 8)
     max_weight_bytes: float | None = None
     max_relative_latency: float | None = None
+    float_fallback: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.float_fallback, bool):
+            raise ValueError(f"PrecisionBudget.float_fallback={self.float_fallback!r} must be a bool")
+        if self.float_fallback:
+            self.act_candidates = (*tuple(self.act_candidates), FLOAT_BITS)
         self.act_candidates = _check_candidates(self.act_candidates, ACT_BITS, "act_candidates")
         self.weight_candidates = _check_candidates(self.weight_candidates, WEIGHT_BITS, "weight_candidates")
         for name in ("avg_act_bits", "avg_weight_bits", "max_weight_bytes", "max_relative_latency"):
@@ -119,9 +129,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _noise(ranges: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """Uniform quantization noise variance per element, Δ²/12 with Δ = range / (2^b − 1); shape `[..., J]`."""
-    delta = ranges[..., None] / (2.0 ** bits.astype(np.float64) - 1.0)
-    return delta**2 / 12.0
+    """
+    Uniform quantization noise variance per element, Δ²/12 with Δ = range / (2^b − 1); shape `[..., J]`. Float
+    candidates (`b >= 16`, the input kept in floating point) have none.
+    """
+    b = bits.astype(np.float64)
+    delta = ranges[..., None] / (2.0**b - 1.0)
+    return np.where(b >= FLOAT_BITS, 0.0, delta**2 / 12.0)
 
 
 def _cost_tables(profile: SensitivityProfile, act_cands: np.ndarray, w_cands: np.ndarray):
@@ -136,7 +150,8 @@ def bops_cost_table(
     macs: torch.Tensor | Sequence[float], act_bits: Sequence[int], weight_bits: Sequence[int]
 ) -> np.ndarray:
     r"""
-    The default per-layer latency cost table: bit-operations, `MACs_l × a × w`, of one denoiser call.
+    The default per-layer latency cost table: bit-operations, `MACs_l × a × w`, of one denoiser call (a float
+    activation candidate, `a >= 16`, runs a float matmul: `MACs_l × 32 × 32`).
 
     This is a model, not a measurement: tdq's integer backends run 8-bit kernels only (lower bit-widths are
     simulated or stored as int8), so no measured per-layer cost per bit-width exists to plan with. Pass a measured
@@ -153,7 +168,9 @@ def bops_cost_table(
     m = np.asarray(torch.as_tensor(macs).detach().cpu().double().numpy(), dtype=np.float64).reshape(-1)
     a = np.asarray(act_bits, dtype=np.float64)
     w = np.asarray(weight_bits, dtype=np.float64)
-    return m[:, None, None] * a[None, :, None] * w[None, None, :]
+    per_mac = a[:, None] * w[None, :]
+    per_mac = np.where(a[:, None] >= FLOAT_BITS, 32.0 * 32.0, per_mac)  # float input: a float matmul
+    return m[:, None, None] * per_mac[None, :, :]
 
 
 def bucket_occupancy(profile: SensitivityProfile, bucket_weights: Any = None) -> np.ndarray:
@@ -246,6 +263,23 @@ def _linear_rows(p: _Problem, k: int, joint: bool):
     return rows, ubs, names
 
 
+def _scaled_objective(w_cost: np.ndarray, act_obj: np.ndarray) -> np.ndarray:
+    """
+    The MILP objective vector, conditioned for the solver: every one-hot group (a layer's weight choice, a
+    (layer, bucket)'s activation choice) has its minimum subtracted (a constant, since exactly one member is chosen:
+    the argmin is unchanged), and the result is divided by the median non-zero difference. Dividing the raw costs by
+    their maximum instead leaves every coefficient far below the largest one under HiGHS's tolerances when layers'
+    errors span many orders of magnitude (activation ranges of 1e3–1e10 do), so their trade-offs were not optimised.
+    """
+    wc = w_cost - w_cost.min(axis=-1, keepdims=True)
+    groups = act_obj.reshape(*act_obj.shape[:2], -1)
+    ac = (groups - groups.min(axis=-1, keepdims=True)).reshape(act_obj.shape)
+    c = np.concatenate([wc.ravel(), ac.ravel()])
+    nz = c[c > 0]
+    scale = float(np.median(nz)) if nz.size else 1.0
+    return c / scale
+
+
 def _solve_milp(p: _Problem, mip_rel_gap: float, time_limit: float | None, joint: bool):
     """One binary program over all choices; returns `(act choice [L, K], weight choice [L], scipy result)`."""
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -255,9 +289,7 @@ def _solve_milp(p: _Problem, mip_rel_gap: float, time_limit: float | None, joint
     jw = len(p.w_cands)
     n_y = num_layers * jw
     act_obj = np.broadcast_to(p.act_cost[..., None], (num_layers, k, ja, jw)) if joint else p.act_cost
-    c = np.concatenate([p.w_cost.ravel(), act_obj.ravel()])
-    scale = float(np.abs(c).max())
-    c = c / scale if scale > 0 else c
+    c = _scaled_objective(p.w_cost, act_obj)
     n_act = act_obj.size
     # weights: one candidate per layer
     y_onehot = coo_matrix(
@@ -641,6 +673,7 @@ def schedule_objective(
     act_bits = schedule.act_bits[order].numpy()
     w_bits = schedule.weight_bits[order].numpy()
     act_noise = (_np(profile.act_range) / (2.0 ** act_bits.astype(np.float64) - 1.0)) ** 2 / 12.0
+    act_noise = np.where(act_bits >= FLOAT_BITS, 0.0, act_noise)  # float cells: no quantization error
     act = float((_np(profile.act_fisher) * act_noise).sum())
     w_noise = (_np(profile.weight_range) / (2.0 ** w_bits.astype(np.float64) - 1.0)) ** 2 / 12.0
     weight = float((_np(profile.weight_fisher).sum(axis=1) * w_noise).sum())

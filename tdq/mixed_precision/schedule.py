@@ -17,6 +17,9 @@ from tdq.config import ACT_BITS, WEIGHT_BITS
 from tdq.utils.io import atomic_write, json_safe, read_json_object
 
 SCHEDULE_SCHEMA_VERSION = 1
+# Activation bit-widths at or above this mean "float": the layer's input is not quantized (16-bit activation
+# quantizers pass their input through unchanged, see `TimestepActQuantizer`).
+FLOAT_BITS = 16
 
 
 def _mac_weights(macs: Any, num_layers: int) -> np.ndarray:
@@ -239,8 +242,19 @@ class PrecisionSchedule:
             plt.close(fig)
         return path
 
+    def float_cells(self) -> list[tuple[str, int]]:
+        """
+        The (layer, bucket) cells whose input activations stay in floating point (`act_bits >= 16`), e.g. chosen by
+        `plan_precision` with `PrecisionBudget(float_fallback=True)`.
+
+        Returns:
+            `list[tuple[str, int]]` of `(layer name, bucket index)`, in row then bucket order.
+        """
+        rows, cols = torch.nonzero(self.act_bits >= FLOAT_BITS, as_tuple=True)
+        return [(self.layers[int(r)], int(c)) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
+
     # -- application --------------------------------------------------------------------------------------------
-    def apply_(self, model: nn.Module) -> nn.Module:
+    def apply_(self, model: nn.Module, attention_bits: int | None = None) -> nn.Module:
         r"""
         Set the bit-widths on a quantized model in place.
 
@@ -249,8 +263,15 @@ class PrecisionSchedule:
         itself or on a direct child), so those failures leave the model unchanged; a `ValueError` raised by
         `set_bits` itself is re-raised naming the layer.
 
+        The schedule covers the quantized layers only, not the Q/K/V/softmax quantizers of quantized attention
+        (`TDQConfig(attention=True)`): a model that has them is refused unless `attention_bits` says which bit-width
+        they take, so a mixed-precision model never silently keeps its attention matmuls at the quant config's bits.
+
         Args:
             model (`torch.nn.Module`): a model whose scheduled layers are tdq quantized modules.
+            attention_bits (`int`, *optional*):
+                Bit-width (2..16, every bucket) for the attention matmul quantizers. Required when the model has
+                any; ignored otherwise.
 
         Returns:
             The same `model`.
@@ -258,8 +279,23 @@ class PrecisionSchedule:
         Raises:
             `KeyError`: a layer of the schedule is not a submodule of `model`.
             `TypeError`: a layer has no `set_bits` method (it was not quantized).
-            `ValueError`: a layer holds a different number of timestep buckets than the schedule.
+            `ValueError`: a layer holds a different number of timestep buckets than the schedule; the model has
+                attention quantizers and `attention_bits` is not given or not in 2..16.
         """
+        from tdq.quant.attention import iter_attention_quantizers
+
+        attn = list(iter_attention_quantizers(model))
+        if attn:
+            if attention_bits is None:
+                raise ValueError(
+                    f"the model has {len(attn)} attention matmul quantizers (e.g. {attn[0][0]!r}) that a precision "
+                    "schedule does not cover; pass attention_bits= to PrecisionSchedule.apply_ (e.g. 8) to set "
+                    "their bit-width"
+                )
+            if not _is_int(attention_bits) or int(attention_bits) not in ACT_BITS:
+                raise ValueError(
+                    f"attention_bits={attention_bits!r} must be an integer in {ACT_BITS[0]}..{ACT_BITS[-1]}"
+                )
         modules = []
         for name in self.layers:
             try:
@@ -284,6 +320,8 @@ class PrecisionSchedule:
                 module.set_bits(weight_bits=int(self.weight_bits[i]), act_bits=self.act_bits[i].clone())
             except ValueError as e:
                 raise ValueError(f"layer {name!r}: {e}") from e
+        for _, q in attn:
+            q.set_bits(int(attention_bits))
         return model
 
     # -- serialisation ------------------------------------------------------------------------------------------

@@ -428,7 +428,7 @@ class TDQPipeline(StableDiffusionPipeline):
         components = {"unet": ""}
         if schedule is not None:
             _check_schedule_grid(schedule, self.unet)
-            schedule.apply_(self.unet)
+            schedule.apply_(self.unet, attention_bits=tdq_config.activation.bits)
         if quantize_text_encoder:
             base = quantize_text_encoder if isinstance(quantize_text_encoder, TDQConfig) else tdq_config
             quantize_static_(self.text_encoder, static_config(base))

@@ -81,7 +81,7 @@ def wrap(
     num_train = int(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000)) if scheduler else 1000
     quantize_(denoiser, config, num_train_timesteps=num_train)
     if schedule is not None:
-        schedule.apply_(denoiser)
+        schedule.apply_(denoiser, attention_bits=(config or TDQConfig()).activation.bits)
     if calibrate_fn is not None or calibration_kwargs:
         with calibration(denoiser, seed=calibration_seed):
             if calibrate_fn is not None:

@@ -445,7 +445,7 @@ class TimestepActQuantizer(nn.Module):
         b = self._expand_buckets(ctx.buckets, x)
         shape = (-1,) + (1,) * (x.dim() - 1)
         qmin, qmax = F.qrange(self.bits[b], self.spec.symmetric)
-        return F.fake_quantize(
+        out = F.fake_quantize(
             x,
             self.scale[b].view(shape).to(x.dtype),
             self.zero_point[b].view(shape).to(x.dtype),
@@ -453,6 +453,8 @@ class TimestepActQuantizer(nn.Module):
             qmax.view(shape),
             stochastic,
         )
+        floating = self.bits[b] >= 16  # 16-bit buckets keep the input in float, as in the one-bucket path
+        return torch.where(floating.view(shape), x, out) if bool(floating.any()) else out
 
     @torch.no_grad()
     def _check_range(self, x: torch.Tensor, k: int) -> None:

@@ -48,6 +48,9 @@ class ScheduleConfig:
             share of the evaluation sampler's steps in each (`eval.scheduler`, `eval.num_inference_steps`).
         uniform_fallback (`bool`, *optional*, defaults to `True`): let the MILP planner return the best feasible
             uniform schedule when the solver's is worse (reported as `schedule.fallback` in the report).
+        float_fallback (`bool`, *optional*, defaults to `False`): let the MILP planner keep a (layer, bucket)'s input
+            in float (a 16-bit candidate: 16 bits in the average, MACs × 32 × 32 BOPs), listed in the report as
+            `schedule.float_cells`.
     """
 
     planner: str = "milp"
@@ -62,6 +65,7 @@ class ScheduleConfig:
     max_relative_latency: float | None = None
     occupancy: bool = True
     uniform_fallback: bool = True
+    float_fallback: bool = False
 
     def validate(self, prefix: str = "schedule") -> None:
         """Raise `ConfigError` naming the first field that is not allowed."""
@@ -89,6 +93,7 @@ class ScheduleConfig:
         )
         check_field(self.occupancy, f"{prefix}.occupancy", "bool")
         check_field(self.uniform_fallback, f"{prefix}.uniform_fallback", "bool")
+        check_field(self.float_fallback, f"{prefix}.float_fallback", "bool")
 
 
 @dataclass

@@ -23,6 +23,7 @@ configs touch only `nn.Linear`, so its baselines quantize a fraction of a convol
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Callable
@@ -504,12 +505,38 @@ def resolve_quantizer(cfg: RunConfig, fn: Callable | None = None) -> QuantizerEn
         raise ConfigError(
             f"quantizer.options {sorted(cfg.quantizer.options)}: quantizer 'tdq' takes no options"
         )
+    check_schedule_unused(cfg, entry)
     if entry.name != "tdq" and cfg.backend != "simulate":
         raise ConfigError(
             f"backend={cfg.backend!r} lowers tdq's own quantization only; quantizer {entry.name!r} runs as it "
             "returns the model (use backend=simulate)"
         )
     return entry
+
+
+def check_schedule_unused(cfg: RunConfig, entry: QuantizerEntry) -> None:
+    r"""
+    Refuse `schedule.*` settings that the run's quantizer would silently ignore: only `quantizer=tdq` profiles and
+    plans mixed precision. Any schedule field changed from its default (`planner` may also be `none`) is an error
+    for another quantizer.
+
+    Raises:
+        `ConfigError`: naming the first such field and the quantizer.
+    """
+    from tdq.run.config import ScheduleConfig
+
+    if entry.name == "tdq":
+        return
+    default = ScheduleConfig()
+    for f in dataclasses.fields(ScheduleConfig):
+        value, want = getattr(cfg.schedule, f.name), getattr(default, f.name)
+        if f.name == "planner" and value in ("none", want):
+            continue
+        if value != want:
+            raise ConfigError(
+                f"schedule.{f.name}={value!r}: quantizer {entry.name!r} does not use the precision schedule (only "
+                "quantizer=tdq profiles and plans mixed precision); drop the schedule settings or use schedule=none"
+            )
 
 
 def uses_tdq_stages(ctx: RunContext) -> bool:

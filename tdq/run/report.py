@@ -121,6 +121,7 @@ def _schedule_section(ctx: RunContext) -> dict[str, Any]:
             "objective_uniform_8bit": schedule_objective(profile, plan_uniform(profile, 8, 8)),
             "budget_rows": meta.get("budget_rows"),
             "fallback": meta.get("fallback"),
+            "float_cells": [{"layer": n, "bucket": k} for n, k in ctx.schedule.float_cells()],
             "solver": meta.get("solver"),
             "costs": schedule_costs(
                 ctx.schedule, macs=profile.macs, weight_numel=profile.meta.get("weight_numel")
@@ -384,16 +385,21 @@ def _data_markdown(report: dict[str, Any]) -> list[str]:
     if j:
         lines += [
             "",
-            "| judge (ccexam MNIST classifier) | mean top-1 confidence | class entropy [bits] | accuracy |",
-            "|---|---|---|---|",
+            "| judge (ccexam MNIST classifier) | mean top-1 confidence | class entropy [bits] | IS (judge) | accuracy |",
+            "|---|---|---|---|---|",
         ]
         for label in ("real", "fp", "fp_other_seeds", "quantized"):
             if label in j:
                 c = j[label]
                 lines.append(
                     f"| {label} | {_f(c['mean_confidence'])} | {_f(c['class_entropy_bits'])} | "
-                    f"{_f(c.get('accuracy'))} |"
+                    f"{_f(c.get('inception_score'))} | {_f(c.get('accuracy'))} |"
                 )
+        lines += [
+            "",
+            "IS (judge): the Inception Score formula exp(E KL(p(y|x) || p(y))) on the MNIST judge's logits (1 to 10), "
+            "not ImageNet Inception-v3 IS.",
+        ]
         lines += [
             "",
             f"Same predicted digit for FP and quantized (same seed): {_f(j['class_agreement_fp_vs_quantized'])}.",
@@ -495,6 +501,20 @@ def _schedule_markdown(report: dict[str, Any]) -> list[str]:
         )
     elif sc["planner"] == "milp":
         lines.append("The MILP planner's own schedule is used (no fallback to uniform).")
+    cells = sc.get("float_cells") or []
+    if cells:
+        by_layer: dict[str, list[int]] = {}
+        for c in cells:
+            by_layer.setdefault(c["layer"], []).append(int(c["bucket"]))
+        lines += [
+            "",
+            f"Float fallback: {len(cells)} (layer, bucket) cells keep their input in float (16 bits in the average, "
+            "MACs x 32 x 32 BOPs):",
+            "",
+            "| layer | buckets in float |",
+            "|---|---|",
+            *(f"| `{n}` | {', '.join(map(str, ks))} |" for n, ks in by_layer.items()),
+        ]
     lines.append("")
     return lines
 

@@ -322,6 +322,7 @@ def plan(ctx: RunContext) -> None:
                 weight_candidates=tuple(sc.weight_candidates),
                 max_weight_bytes=sc.max_weight_bytes,
                 max_relative_latency=sc.max_relative_latency,
+                float_fallback=sc.float_fallback,
             )
             schedule = plan_precision(ctx.profile, budget, uniform_fallback=sc.uniform_fallback)
         elif sc.planner == "uniform":
@@ -354,7 +355,7 @@ def quantize(ctx: RunContext) -> None:
     with ctx.timer("quantize"):
         tdq.quantize_(m.denoiser, ctx.cfg.quant, num_train_timesteps=m.num_train_timesteps)
         if ctx.schedule is not None:
-            ctx.schedule.apply_(m.denoiser)
+            ctx.schedule.apply_(m.denoiser, attention_bits=ctx.cfg.quant.activation.bits)
 
 
 def calibrate(ctx: RunContext) -> None:

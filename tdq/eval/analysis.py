@@ -335,6 +335,8 @@ def evaluate_schedules(
     schedules: dict[str, Any],
     calibration_seeds: Sequence[int],
     seeds: Sequence[int],
+    *,
+    lpips_model: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     r"""
     Score precision schedules two ways: the planner's Fisher objective (`schedule_objective` on `profile`) and the
@@ -349,6 +351,8 @@ def evaluate_schedules(
         schedules (`dict[str, PrecisionSchedule]`): named schedules over the profile's layers.
         calibration_seeds (`Sequence[int]`): seeds of the calibration run.
         seeds (`Sequence[int]`): evaluation seeds.
+        lpips_model (`nn.Module`, *optional*): from `tdq.eval.metrics.build_lpips`; adds `lpips` (mean over the
+            decoded images) and `lpips_per_seed`.
 
     Returns:
         `list[dict]`: per schedule `name`, `objective`, `average_bits`, `mse` (final samples in model space, mean
@@ -373,6 +377,12 @@ def evaluate_schedules(
                 _run(qsampler, [int(s) for s in calibration_seeds])
             q = _final(qsampler, seeds)
             per = (q - fp).pow(2).flatten(1).mean(1)
+            extra = {}
+            if lpips_model is not None:
+                from tdq.eval.metrics import lpips_distance
+
+                lp = lpips_distance(sampler.decode(q.float()), sampler.decode(fp.float()), lpips_model)
+                extra = {"lpips": float(lp.mean()), "lpips_per_seed": lp.tolist()}
             rows.append(
                 {
                     "name": str(name),
@@ -381,6 +391,7 @@ def evaluate_schedules(
                     "mse": float(per.mean()),
                     "drift": float((q - fp).norm() / fp.norm()),
                     "mse_per_seed": per.tolist(),
+                    **extra,
                 }
             )
     return rows

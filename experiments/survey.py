@@ -65,14 +65,18 @@ def main() -> None:
     env = env_info()
     m = load_model(ModelConfig(name=args.model, source="zoo"))
     if m.kind != "pixel":
-        raise SystemExit("experiments/survey.py runs pixel zoo models; the notebooks cover the latent families")
+        raise SystemExit(
+            "experiments/survey.py runs pixel zoo models; the notebooks cover the latent families"
+        )
     sampler = make_sampler(
         m, make_scheduler(m.scheduler, "ddim"), num_inference_steps=args.steps, batch_size=64, progress=False
     )
     bits = [int(b) for b in args.bits.split(",")]
     seeds = list(range(args.seeds))
     calib_seeds = list(range(1000, 1000 + args.seeds))
-    layers = [n for n, mod in m.denoiser.named_modules() if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d)]
+    layers = [
+        n for n, mod in m.denoiser.named_modules() if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d)
+    ]
     if args.layers:
         layers = layers[: args.layers]
     timings = {}
@@ -94,7 +98,14 @@ def main() -> None:
     timings["fisher_s"] = time.time() - t0
     t0 = time.time()
     hutch = hutchinson_sensitivity(
-        m.denoiser, m.scheduler, x0, grid, config=config, samples_per_bucket=8, batch_size=8, probes=args.probes
+        m.denoiser,
+        m.scheduler,
+        x0,
+        grid,
+        config=config,
+        samples_per_bucket=8,
+        batch_size=8,
+        probes=args.probes,
     )
     timings["hutchinson_s"] = time.time() - t0
     print(f"fisher {timings['fisher_s']:.0f}s, hutchinson {timings['hutchinson_s']:.0f}s", flush=True)
@@ -171,7 +182,9 @@ def main() -> None:
         )
     timings["propagation_s"] = time.time() - t0
     key = f"all-layers-w6a6"
-    plot_propagation(prop[key], out / "survey_propagation.png", title=f"{args.model} {key}: e_t, J_t e_t, E vs drift")
+    plot_propagation(
+        prop[key], out / "survey_propagation.png", title=f"{args.model} {key}: e_t, J_t e_t, E vs drift"
+    )
 
     result = {
         "model": args.model,
@@ -234,7 +247,11 @@ def _markdown(r: dict) -> str:
     ]
     for s in r["schedules"]:
         ab = s["average_bits"]
-        bits = f"{ab.get('act', float('nan')):.2f}, {ab.get('weight', float('nan')):.2f}" if isinstance(ab, dict) else ab
+        bits = (
+            f"{ab.get('act', float('nan')):.2f}, {ab.get('weight', float('nan')):.2f}"
+            if isinstance(ab, dict)
+            else ab
+        )
         lines.append(
             f"| {s['name']} | {bits} | {s['objective']:.4g} | {s['mse']:.4g} | {s['drift']:.4f} | {s['lpips']:.4f} |"
         )

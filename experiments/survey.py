@@ -6,7 +6,7 @@ Writes experiments/results/survey.{json,md} and survey_*.png.
 
 Usage::
 
-    python experiments/survey.py                       # mnist-ddpm, all layers, b in 4,6,8, 3 seeds, DDIM 10
+    python experiments/survey.py                       # mnist-ddpm, all layers, b in 4,6,8, 2 seeds, DDIM 6
     python experiments/survey.py --layers 8 --seeds 2  # smaller
 """
 
@@ -33,10 +33,10 @@ def main() -> None:
     ap.add_argument("--model", default="mnist-ddpm")
     ap.add_argument("--layers", type=int, default=0, help="first N Conv/Linear layers (0: all)")
     ap.add_argument("--bits", default="4,6,8")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--buckets", type=int, default=4)
-    ap.add_argument("--probes", type=int, default=6)
+    ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -80,11 +80,33 @@ def main() -> None:
     if args.layers:
         layers = layers[: args.layers]
     timings = {}
+    result = {
+        "model": args.model,
+        "sampler": f"DDIM {args.steps} steps (eta 0)",
+        "seeds": seeds,
+        "calibration_seeds": calib_seeds,
+        "profile_x0_seeds": list(range(2000, 2008)),
+        "buckets": args.buckets,
+        "hutchinson_probes": args.probes,
+        "ablation_method": "one layer fake-quantized: weight per-channel symmetric RTN, input per-tensor asymmetric "
+        "on the call's own min/max; error = MSE of x_0 (pixels in [-1, 1]) to FP, same seeds",
+        "env": env,
+        "timings": timings,
+        "argv": " ".join(sys.argv[1:]),
+        "complete": False,
+    }
+
+    def write(**parts) -> None:
+        # written after every section, so an interrupted run keeps what it measured
+        result.update(parts, total_s=time.time() - t_start)
+        (out / "survey.json").write_text(json.dumps(result, indent=1))
+        (out / "survey.md").write_text(_markdown(result))
 
     t0 = time.time()
     abl = layer_ablation(m.denoiser, sampler, layers, bits, seeds)
     timings["ablation_s"] = time.time() - t0
     print(f"ablation {len(layers)} layers x {bits}: {timings['ablation_s']:.0f}s", flush=True)
+    write(ablation=abl)
 
     # profiles on the FP model's own samples (data-free), the same noised samples for Fisher and Hutchinson
     with torch.no_grad():
@@ -129,6 +151,7 @@ def main() -> None:
             title=f"{args.model} {name}",
         )
     plot_ablation(abl, out / "survey_ablation.png", title=f"{args.model}: P_l(b), DDIM {args.steps}")
+    write(prediction=prediction, hutchinson_negative_entries_clamped=hutch.meta["negative_entries_clamped"])
 
     # schedules: uniform 4/6/8 and MILP at average-bit budgets, Fisher objective vs measured error
     schedules = {f"uniform-{b}": plan_uniform(fisher, b, b) for b in (4, 6, 8)}
@@ -158,6 +181,7 @@ def main() -> None:
         title=f"{args.model} schedules",
     )
     print(f"schedules {timings['schedules_s']:.0f}s", flush=True)
+    write(schedules=sched_rows, schedule_rank_correlation=sched_corr)
 
     # propagation: the 3 layers with the largest P_l(lowest b) at that b, and the whole model at uniform 6 and 8
     t0 = time.time()
@@ -181,38 +205,30 @@ def main() -> None:
             qsampler, seeds, contextlib.nullcontext, fp_context=lambda q=qmodel: disabled(q)
         )
     timings["propagation_s"] = time.time() - t0
-    key = f"all-layers-w6a6"
+    key = "all-layers-w6a6"
     plot_propagation(
         prop[key], out / "survey_propagation.png", title=f"{args.model} {key}: e_t, J_t e_t, E vs drift"
     )
 
-    result = {
-        "model": args.model,
-        "sampler": f"DDIM {args.steps} steps (eta 0)",
-        "seeds": seeds,
-        "calibration_seeds": calib_seeds,
-        "profile_x0_seeds": list(range(2000, 2008)),
-        "buckets": args.buckets,
-        "hutchinson_probes": args.probes,
-        "ablation": abl,
-        "ablation_method": "one layer fake-quantized: weight per-channel symmetric RTN, input per-tensor asymmetric "
-        "on the call's own min/max; error = MSE of x_0 (pixels in [-1, 1]) to FP, same seeds",
-        "prediction": prediction,
-        "hutchinson_negative_entries_clamped": hutch.meta["negative_entries_clamped"],
-        "schedules": sched_rows,
-        "schedule_rank_correlation": sched_corr,
-        "propagation": prop,
-        "env": env,
-        "timings": timings,
-        "total_s": time.time() - t_start,
-    }
-    (out / "survey.json").write_text(json.dumps(result, indent=1))
-    (out / "survey.md").write_text(_markdown(result))
+    write(propagation=prop, complete=True)
     print(f"done in {result['total_s']:.0f}s", flush=True)
 
 
 def _c(c: dict) -> str:
     return f"{c['spearman']:+.3f} (p={c['spearman_p']:.2g}) | {c['kendall']:+.3f} (p={c['kendall_p']:.2g}) | {c['n']}"
+
+
+def _ablation_summary(abl: dict) -> str:
+    mse = np.asarray(abl["mse"])
+    order = np.argsort(-mse[:, 0])
+    top = ", ".join(f"{abl['layers'][i]} ({mse[i, 0]:.3g})" for i in order[:5])
+    mono = int((np.diff(mse, axis=1) < 0).all(axis=1).sum())
+    return (
+        f"Most sensitive at {abl['bits'][0]} bits: {top}. P_l(b) decreases with b for {mono} of {len(mse)} layers; "
+        f"median P_l over layers: "
+        + ", ".join(f"b={b}: {np.median(mse[:, j]):.3g}" for j, b in enumerate(abl["bits"]))
+        + f" (FP mean square {abl['fp_norm']:.3g})."
+    )
 
 
 def _markdown(r: dict) -> str:
@@ -223,19 +239,21 @@ def _markdown(r: dict) -> str:
         f"CPU {env['cpu']} ({env['cpu_capability']}), torch {env['torch']}, diffusers {env['diffusers']}, "
         f"{env['threads']} thread(s); seeds {r['seeds']}, calibration seeds {r['calibration_seeds']}; "
         f"profiles: {r['buckets']} buckets, x0 = FP samples of seeds {r['profile_x0_seeds']}, Hutchinson "
-        f"{r['hutchinson_probes']} probes per batch ({r['hutchinson_negative_entries_clamped']} negative estimates "
-        f"clamped to 0). Command: `python experiments/survey.py`. Total {r['total_s']:.0f} s.",
+        f"{r['hutchinson_probes']} probes per batch ({r.get('hutchinson_negative_entries_clamped')} negative estimates "
+        f"clamped to 0). Command: `python experiments/survey.py {r.get('argv', '')}`. "
+        f"{'Total' if r['complete'] else 'INCOMPLETE (interrupted) after'} {r['total_s']:.0f} s.",
         "",
         "## How well each sensitivity predicts the measured per-layer ablation P_l(b)",
         "",
         f"P_l(b): {r['ablation_method']}. {len(r['ablation']['layers'])} layers, b in {r['ablation']['bits']}.",
+        _ablation_summary(r["ablation"]),
         "Rank correlation of the predicted error (the planner's noise model on each profile) with P_l(b): per "
         "bit-width across layers, and pooled over all (layer, b) pairs (inflated by the shared bit effect).",
         "",
         "| predictor | pairs | Spearman ρ (p) | Kendall τ (p) | n |",
         "|---|---|---|---|---|",
     ]
-    for name, p in r["prediction"].items():
+    for name, p in r.get("prediction", {}).items():
         for k, c in p["rank_correlation"].items():
             lines.append(f"| {name} | {k} | {_c(c)} |")
     lines += [
@@ -245,7 +263,7 @@ def _markdown(r: dict) -> str:
         "| schedule | avg bits (act, weight) | Fisher objective | MSE x_0 | relative drift | LPIPS (alex) |",
         "|---|---|---|---|---|---|",
     ]
-    for s in r["schedules"]:
+    for s in r.get("schedules", []):
         ab = s["average_bits"]
         bits = (
             f"{ab.get('act', float('nan')):.2f}, {ab.get('weight', float('nan')):.2f}"
@@ -256,7 +274,7 @@ def _markdown(r: dict) -> str:
             f"| {s['name']} | {bits} | {s['objective']:.4g} | {s['mse']:.4g} | {s['drift']:.4f} | {s['lpips']:.4f} |"
         )
     lines += ["", "| correlation | Spearman ρ (p) | Kendall τ (p) | n |", "|---|---|---|---|"]
-    for k, c in r["schedule_rank_correlation"].items():
+    for k, c in r.get("schedule_rank_correlation", {}).items():
         lines.append(f"| {k} | {_c(c)} |")
     lines += [
         "",
@@ -268,7 +286,7 @@ def _markdown(r: dict) -> str:
         "| quantized | ‖E‖ | Σ‖J_t e_t‖ | measured drift | cos(E, drift) | largest ‖J_t e_t‖ at step |",
         "|---|---|---|---|---|---|",
     ]
-    for k, p in r["propagation"].items():
+    for k, p in r.get("propagation", {}).items():
         top = int(np.argmax(p["propagated"]))
         lines.append(
             f"| {k} | {p['accumulated']:.4f} | {p['bound']:.4f} | {p['measured_drift']:.4f} | {p['cosine']:.3f} | "

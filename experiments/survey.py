@@ -241,7 +241,7 @@ def _markdown(r: dict) -> str:
         f"profiles: {r['buckets']} buckets, x0 = FP samples of seeds {r['profile_x0_seeds']}, Hutchinson "
         f"{r['hutchinson_probes']} probes per batch ({r.get('hutchinson_negative_entries_clamped')} negative estimates "
         f"clamped to 0). Command: `python experiments/survey.py {r.get('argv', '')}`. "
-        f"{'Total' if r['complete'] else 'INCOMPLETE (interrupted) after'} {r['total_s']:.0f} s.",
+        f"{'Total' if r['complete'] else 'INCOMPLETE (still running or interrupted) after'} {r['total_s']:.0f} s.",
         "",
         "## How well each sensitivity predicts the measured per-layer ablation P_l(b)",
         "",

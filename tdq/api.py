@@ -261,6 +261,23 @@ def _abort_calibration(model: nn.Module) -> None:
         q.mode = "quant"
 
 
+_PRE_CONVERT_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+@contextlib.contextmanager
+def pre_convert_hook(hook: Callable[[nn.Module], None]) -> Iterator[None]:
+    """
+    Within the block, `convert` calls `hook(model)` before it freezes the observed ranges (while every activation
+    quantizer still holds its observers), e.g. to merge the observer statistics of several processes
+    (`tdq.eval.dist_calib.merge_observer_stats`).
+    """
+    _PRE_CONVERT_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _PRE_CONVERT_HOOKS.remove(hook)
+
+
 def convert(model: nn.Module) -> dict[str, list[int]]:
     """
     Freeze the observed per-bucket ranges into scales and switch to quantized mode, then diagnose and handle
@@ -276,6 +293,8 @@ def convert(model: nn.Module) -> dict[str, list[int]]:
     """
     filled = {}
     try:
+        for hook in list(_PRE_CONVERT_HOOKS):  # e.g. merging observer statistics across processes
+            hook(model)
         for name, m in iter_quant_layers(model):
             f = m.act_quantizer.finish_observing()
             if f:

@@ -27,6 +27,7 @@ Extension points:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -359,24 +360,50 @@ def quantize(ctx: RunContext) -> None:
 
 
 def calibrate(ctx: RunContext) -> None:
-    """Calibrate through the real calibration sampler; the main process's quantizer buffers are synchronized."""
+    """
+    Calibrate through the real calibration sampler; the main process's quantizer buffers are synchronized.
+
+    Under several processes, configurations whose statistics merge exactly (min/max observers, round-to-nearest
+    weights: `tdq.eval.dist_calib.calibration_mode`) shard the calibration seeds in whole batches and all-reduce
+    the observer statistics before the ranges are frozen (`sharded`); the others calibrate on all seeds in every
+    process (`replicated`). The report's `calibration_distribution` section names the mode and why.
+    """
+    from tdq.api import get_quantization, pre_convert_hook
+    from tdq.eval.dist_calib import calibration_mode, merge_observer_stats
+    from tdq.eval.distributed import shard_batches
     from tdq.rounding import calibrate_with_rounding
 
     if not quantizers.uses_tdq_stages(ctx):  # the quantizer plug-in calibrated in stage `quantize`
         return
+    state = ctx.dist.state
+    mode, why = calibration_mode(get_quantization(ctx.model.denoiser).config, ctx.dist.num_processes)
+    sampler = ctx.sampler(ctx.cfg.calibration, trajectory=False)
+    seeds = list(ctx.calib_seeds)
+    if mode == "sharded":
+        seeds = shard_batches(seeds, sampler.batch_size, state)
 
     def run():
-        ctx.sampler(ctx.cfg.calibration, trajectory=False)(ctx.calib_seeds, desc="calibration")
+        if seeds:  # an empty shard observes nothing; the merge still includes it
+            sampler(seeds, desc="calibration")
 
+    merge = pre_convert_hook(lambda model: merge_observer_stats(model, state))
     with ctx.timer(
         "calibrate"
     ):  # weight rounding by quant.weight_rounding (FP-model statistics), then activations
         with record_call(ctx.model.denoiser) as example_call:
-            rounding = calibrate_with_rounding(ctx.model.denoiser, run)
+            with merge if mode == "sharded" else contextlib.nullcontext():
+                rounding = calibrate_with_rounding(ctx.model.denoiser, run)
         ctx.dist.sync_buffers(ctx.model.denoiser)
         reset_runtime_counters(ctx.model.denoiser)  # count run-time range violations of the evaluation only
     ctx.example_call = example_call
     ctx.sections["weight_rounding"] = {k: v for k, v in rounding.items() if k != "filled_buckets"}
+    ctx.sections["calibration_distribution"] = {
+        "mode": mode,
+        "reason": why,
+        "num_processes": ctx.dist.num_processes,
+        "local_seeds": len(seeds),
+        "total_seeds": len(ctx.calib_seeds),
+    }
     planner = ctx.cfg.schedule.planner if ctx.schedule is not None else "none"
     ctx.sections["quantizer"] = quantizers.quantizer_section(
         ctx, quantizers.get_quantizer("tdq"), {"schedule": planner}

@@ -23,8 +23,8 @@ import torch.nn.functional as TF
 from torch import nn
 
 from tdq.api import get_quantization, iter_quant_layers
-from tdq.quant import functional as F
 from tdq.qat.lora import LoRA
+from tdq.quant import functional as F
 
 # Learned scale factors never go below this fraction of their calibrated value (keeps scales positive, finite).
 MIN_FACTOR = 1e-3

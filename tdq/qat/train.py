@@ -118,6 +118,12 @@ def distillation_error(
     return sum(errs) / len(errs)
 
 
+def _heldout(model, fp_model, sched, x0, pool, batches: int) -> float:
+    if batches <= 0:
+        return float("nan")
+    return distillation_error(model, fp_model, sched, x0, pool, batches=batches, batch=8)
+
+
 def _config_key(config: QATConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_FIELDS}
 
@@ -187,6 +193,7 @@ def finetune_qat(
     x0: torch.Tensor | None = None,
     sample_shape: tuple[int, ...] | None = None,
     progress: bool = False,
+    heldout_batches: int = 4,
 ) -> dict[str, Any]:
     r"""
     LSQ fine-tuning of a quantized, calibrated denoiser by output distillation from its FP model, in place.
@@ -205,6 +212,8 @@ def finetune_qat(
         x0 (`torch.Tensor`, *optional*): clean samples in model space; defaults to `fp_samples(fp_model, ...)`.
         sample_shape (`tuple[int, ...]`, *optional*): one sample's shape for drawing `x0`.
         progress (`bool`, *optional*, defaults to `False`): print the loss every `checkpoint_every` steps.
+        heldout_batches (`int`, *optional*, defaults to `4`): batches of `distillation_error` before and after
+            (`0` skips it: the report's errors are then NaN).
 
     Returns:
         `dict`: `steps`, `resumed_from`, `loss_first`/`loss_last` (mean of the first/last 10 steps' losses),
@@ -240,7 +249,7 @@ def finetune_qat(
     for p in model.parameters():
         p.requires_grad_(False)
     fp_model.requires_grad_(False)
-    err_before = distillation_error(model, fp_model, sched, x0, pool)
+    err_before = _heldout(model, fp_model, sched, x0, pool, heldout_batches)
     state = LSQState(
         model,
         learn_weight_scales=config.learn_weight_scales,
@@ -289,7 +298,7 @@ def finetune_qat(
         attach_lora(model, {n: st.lora.requires_grad_(False) for n, st in state.layers.items()})
     for n, p in model.named_parameters():
         p.requires_grad_(requires.get(n, True))
-    err_after = distillation_error(model, fp_model, sched, x0, pool)
+    err_after = _heldout(model, fp_model, sched, x0, pool, heldout_batches)
     k = min(10, len(losses))
     return {
         "steps": config.steps,

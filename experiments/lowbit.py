@@ -31,6 +31,8 @@ from _common import bootstrap_ci, env_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+QAT = {"steps": 200, "batch_size": 8, "num_samples": 64, "lr": 1e-3, "weight_lr": 5e-3}
+
 # name -> (weight bits, act bits, weight observer, rounding method, clip, act_order, corrections[, extra
 # WeightRounding fields])
 ROWS = {
@@ -63,6 +65,8 @@ ROWS = {
     "w4a8-gptq-actorder-smooth": (4, 8, "mse", "gptq", "observer", True, [], {"smooth_first": True}),
     "w4a8-adaround-smooth": (4, 8, "mse", "adaround", "observer", False, [], {"smooth_first": True}),
     "w4a16-gptq-actorder-smooth": (4, 16, "mse", "gptq", "observer", True, [], {"smooth_first": True}),
+    # 9th element: QATConfig fields (experiments/lowbit_qat.py), the fine-tuning after calibration
+    "w4a8-gptq-actorder-smooth-qat": (4, 8, "mse", "gptq", "observer", True, [], {"smooth_first": True}, QAT),
 }
 DEFAULT_ORDER = [
     "w4a8-nearest",
@@ -94,6 +98,7 @@ DEFAULT_ORDER = [
     "w4a8-gptq-actorder-smooth",
     "w4a8-adaround-smooth",
     "w4a16-gptq-actorder-smooth",
+    "w4a8-gptq-actorder-smooth-qat",
 ]
 
 
@@ -281,6 +286,10 @@ def main() -> None:
         ptqd = rep.get("ptqd")
         ada = rep.get("adaround")
         t_round = rep["seconds_total"] - t_cal - (ptqd["seconds"] if ptqd else 0.0)
+        if len(ROWS[name]) > 8:
+            from lowbit_qat import run_qat
+
+            qat = run_qat(mm, fresh, ROWS[name][8], args.steps, cache / f"qat_{name}")
         t0 = time.perf_counter()
         q = sampler(mm)(eval_seeds).images
         t_sample = time.perf_counter() - t0
@@ -307,6 +316,8 @@ def main() -> None:
         }
         if ptqd is not None:
             row["ptqd"] = ptqd
+        if len(ROWS[name]) > 8:
+            row["qat"], row["qat_s"] = qat, qat["seconds"]
         if ada is not None:
             row["adaround"] = {k: v for k, v in ada.items() if k not in ("layers", "filled_buckets")}
             row["adaround"]["init"] = cfg.weight_rounding.adaround_init
@@ -371,6 +382,8 @@ def write_markdown(result: dict, path: Path) -> None:
         if "adaround" in r:
             ro += f" (from {r['adaround']['init']}, {r['adaround']['iters']} it)"
         ro += "".join(f" + {c}" for c in r.get("corrections", []))
+        if "qat" in r:
+            ro += f" + LSQ QAT ({r['qat']['steps']} steps, {r['qat_s']} s)"
         clip = r["clip"] if r["clip"] != "observer" else f"{r['weight_observer']} observer"
         lines.append(
             f"| {name} | {r['weight_bits']} | {r['act_bits']} | {ro} | {clip} | {r['psnr']:.2f} "

@@ -50,6 +50,10 @@ def __getattr__(name):
         from tdq.run.evaluate import evaluate
 
         return evaluate
+    if name == "finetune_qat":  # QAT samples through tdq.sampling: loaded on first use
+        from tdq.qat import finetune_qat
+
+        return finetune_qat
     if name == "register_quantizer":
         from tdq.run.quantizers import register_quantizer
 
@@ -78,6 +82,7 @@ __all__ = [
     "calibration",
     "convert",
     "disabled",
+    "finetune_qat",
     "evaluate",
     "get_adapter",
     "get_quantization",

@@ -15,6 +15,7 @@ from typing import Any
 from tdq.errors import ConfigError
 from tdq.grid import TimestepGrid, check_bool, check_choice, is_int, is_real
 from tdq.outlier_config import OutlierConfig
+from tdq.qat_config import QATConfig
 
 CONFIG_VERSION = 1
 
@@ -264,6 +265,8 @@ class TDQConfig:
             time projections, text keys/values). A sliver of the MACs; at A6 they cost mnist-ddpm 9 dB
             (`tdq.boundary`). Only layers still at their configured bits are raised (a precision schedule's or an
             explicit override's choice is kept); `None` turns it off.
+        qat (`QATConfig`, *optional*): LSQ quantization-aware fine-tuning after calibration (`tdq.qat`); off by
+            default.
         version (`int`, *optional*): schema version of this config.
 
     Every `include`, `exclude` and `overrides` pattern must match at least one quantizable layer of the model
@@ -281,6 +284,7 @@ class TDQConfig:
     weight_rounding: WeightRounding = field(default_factory=WeightRounding)
     attention: bool = False
     boundary_act_bits: int | None = 8
+    qat: QATConfig = field(default_factory=QATConfig)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -299,6 +303,8 @@ class TDQConfig:
             self.weight_rounding.corrections = list(self.weight_rounding.corrections)
         if isinstance(self.outliers, dict):
             self.outliers = _dataclass_from_dict(OutlierConfig, self.outliers, "outliers")
+        if isinstance(self.qat, dict):
+            self.qat = _dataclass_from_dict(QATConfig, self.qat, "qat")
         # A string is not split into characters: `validate` names the field instead.
         self.include = list(self.include) if isinstance(self.include, list | tuple) else self.include
         self.exclude = list(self.exclude) if isinstance(self.exclude, list | tuple) else self.exclude
@@ -362,6 +368,9 @@ class TDQConfig:
                 f"weight_rounding must be a WeightRounding or a mapping, got {type(self.weight_rounding).__name__}"
             )
         self.weight_rounding.validate("weight_rounding")
+        if not isinstance(self.qat, QATConfig):
+            raise ConfigError(f"qat must be a QATConfig or a mapping, got {type(self.qat).__name__}")
+        self.qat.validate("qat")
         for pattern in [*self.include, *self.exclude, *self.overrides]:
             if pattern.startswith("re:"):
                 try:

@@ -276,6 +276,11 @@ def check_saveable(model: nn.Module) -> None:
     get_quantization(model)
     for name, m in iter_quant_layers(model):
         aq = m.act_quantizer
+        if "_qat_lora" in m.__dict__:  # float LoRA adapters from tdq.qat are saved by tdq.qat.save_lora
+            raise NotImplementedError(
+                f"layer {name!r} has a float LoRA adapter from QAT (simulated only); save_quantization stores no "
+                "adapters: save them with tdq.qat.save_lora, or fine-tune with qat.lora_rank=0"
+            )
         if m.weight.is_meta or m.weight_quantizer.needs_init or aq.needs_init:
             raise NotCalibratedError(
                 f"layer {name!r}: its weight or quantizer state is on the meta device or was never initialised after "

@@ -404,10 +404,45 @@ def calibrate(ctx: RunContext) -> None:
         "local_seeds": len(seeds),
         "total_seeds": len(ctx.calib_seeds),
     }
+    if ctx.cfg.quant.qat.enabled:
+        with ctx.timer("qat"):
+            ctx.sections["qat"] = _finetune_qat(ctx)
+        ctx.dist.sync_buffers(ctx.model.denoiser)
     planner = ctx.cfg.schedule.planner if ctx.schedule is not None else "none"
     ctx.sections["quantizer"] = quantizers.quantizer_section(
         ctx, quantizers.get_quantizer("tdq"), {"schedule": planner}
     )
+
+
+def _finetune_qat(ctx: RunContext) -> dict[str, Any]:
+    """
+    `quant.qat`: LSQ fine-tuning of the calibrated denoiser by distillation from a freshly loaded FP copy, with the
+    evaluation scheduler and its `eval.num_inference_steps` timesteps (`qat.eval_steps` is set to them). Pixel
+    models only.
+    """
+    import dataclasses
+
+    from tdq.errors import ConfigError
+    from tdq.qat import finetune_qat
+    from tdq.sampling.noise import make_scheduler
+
+    if ctx.latent:
+        raise ConfigError(
+            f"quant.qat.enabled=true is supported for pixel models only; model {ctx.model.name!r} is a latent model"
+        )
+    ev = ctx.cfg.eval
+    qcfg = dataclasses.replace(ctx.cfg.quant.qat, eval_steps=ev.num_inference_steps)
+    fp = load_model(ctx.cfg.model, device=str(ctx.device)).denoiser
+    rep = finetune_qat(
+        ctx.model.denoiser,
+        fp,
+        make_scheduler(ctx.model.scheduler, ev.scheduler),
+        qcfg,
+        sample_shape=ctx.model.sample_shape,
+        progress=ctx.progress,
+    )
+    rep.pop("losses")
+    return rep
 
 
 def backend(ctx: RunContext) -> None:

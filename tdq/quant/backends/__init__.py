@@ -328,6 +328,11 @@ def to_backend(
     if not layers:
         raise ValueError(f"{type(model).__name__} has no tdq-quantized layer; call tdq.quantize_ first")
     for name, m in layers:
+        if "_qat_lora" in m.__dict__:  # float LoRA adapters from tdq.qat (simulated only)
+            raise NotImplementedError(
+                f"layer {name!r} has a float LoRA adapter from QAT (qat.lora_rank > 0); LoRA is simulated only and "
+                f"backend {backend!r} cannot run it; fine-tune with qat.lora_rank=0 to convert"
+            )
         aq = m.act_quantizer
         if aq.spec.enabled and (aq.mode == "observe" or not bool(aq.calibrated.all())):
             raise NotCalibratedError(

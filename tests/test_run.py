@@ -80,6 +80,9 @@ def test_tdq_run_cli_writes_run_dir(tmp_path):
     assert 0 < sc["costs"]["bops_ratio"] <= 64 / 1024
     assert report["weight_rounding"]["method"] == "gptq"
     assert report["weight_rounding"]["methods_count"].get("gptq", 0) > 0  # per layer: which rounding ran
+    # boundary layers are found and reported; the MILP schedule's bits are kept (nothing raised over it)
+    bl = report["boundary_layers"]
+    assert bl["roles"]["conv_in"] == "input" and bl["roles"]["conv_out"] == "output" and bl["raised"] == []
     for key in ("psnr", "ssim", "lpips_alex", "fid", "kid_mean"):
         assert key in report, key
     assert len(sched["act_bits"][0]) == 4

@@ -397,6 +397,12 @@ def calibrate(ctx: RunContext) -> None:
         reset_runtime_counters(ctx.model.denoiser)  # count run-time range violations of the evaluation only
     ctx.example_call = example_call
     ctx.sections["weight_rounding"] = {k: v for k, v in rounding.items() if k != "filled_buckets"}
+    boundary = tdq.get_quantization(ctx.model.denoiser).boundary or {}
+    ctx.sections["boundary_layers"] = {
+        "boundary_act_bits": ctx.cfg.quant.boundary_act_bits,
+        "raised": sorted(n for n, d in boundary.items() if d["bits_before"] != d["bits_after"]),
+        "roles": {n: d["role"] for n, d in boundary.items()},
+    }
     ctx.sections["calibration_distribution"] = {
         "mode": mode,
         "reason": why,

@@ -139,9 +139,9 @@ class WeightRounding:
         adaround_reg (`float`, *optional*, defaults to `10.0`): AdaRound regulariser weight (relative to the
             starting output error).
         brecq_iters (`int`, *optional*, defaults to `150`): BRECQ Adam iterations per block.
-        brecq_reg (`float`, *optional*, defaults to `1.0`): BRECQ regulariser weight (relative to the starting
+        brecq_reg (`float`, *optional*, defaults to `20.0`): BRECQ regulariser weight (relative to the starting
             block output error).
-        brecq_lr (`float`, *optional*, defaults to `0.02`): BRECQ Adam learning rate on the rounding variables.
+        brecq_lr (`float`, *optional*, defaults to `0.1`): BRECQ Adam learning rate on the rounding variables.
         brecq_batch (`int`, *optional*, defaults to `8`): BRECQ calibration samples per iteration.
         brecq_samples_per_call (`int`, *optional*, defaults to `2`): batch items kept per block and sampler call
             as BRECQ calibration data (the calls cover every timestep bucket by its step occupancy).
@@ -158,8 +158,8 @@ class WeightRounding:
     adaround_iters: int = 500
     adaround_reg: float = 10.0
     brecq_iters: int = 150
-    brecq_reg: float = 1.0
-    brecq_lr: float = 0.02
+    brecq_reg: float = 20.0
+    brecq_lr: float = 0.1
     brecq_batch: int = 8
     brecq_samples_per_call: int = 2
 

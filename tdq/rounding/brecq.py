@@ -306,9 +306,9 @@ def reconstruct_unit_(
     fp_weights: dict[str, torch.Tensor],
     data: UnitData,
     *,
-    iters: int = 200,
-    reg_weight: float = 1.0,
-    lr: float = 0.02,
+    iters: int = 150,
+    reg_weight: float = 20.0,
+    lr: float = 0.1,
     batch: int = 8,
     warmup: float = 0.2,
     beta: tuple[float, float] = (20.0, 2.0),
@@ -326,10 +326,10 @@ def reconstruct_unit_(
         layers (`dict[str, nn.Module]`): its weight-quantized layers by name.
         fp_weights (`dict[str, torch.Tensor]`): their FP weights (the grids' reference for `floor`).
         data (`UnitData`): calibration inputs and FP outputs (`collect_unit_data`).
-        iters (`int`, *optional*, defaults to `200`): Adam iterations.
-        reg_weight (`float`, *optional*, defaults to `1.0`): regulariser weight (the error term is normalised by the
+        iters (`int`, *optional*, defaults to `150`): Adam iterations.
+        reg_weight (`float`, *optional*, defaults to `20.0`): regulariser weight (the error term is normalised by the
             start's error, the regulariser is a mean over the free weights).
-        lr (`float`, *optional*, defaults to `0.02`): Adam learning rate on the rounding variables.
+        lr (`float`, *optional*, defaults to `0.1`): Adam learning rate on the rounding variables.
         batch (`int`, *optional*, defaults to `8`): samples per iteration.
         warmup (`float`, *optional*, defaults to `0.2`): fraction of iterations without the regulariser.
         beta (`tuple[float, float]`, *optional*, defaults to `(20, 2)`): regulariser exponent, annealed.
@@ -397,9 +397,9 @@ def brecq_reconstruct_(
     run: Callable[[], object],
     fp_weights: dict[str, torch.Tensor],
     *,
-    iters: int = 200,
-    reg_weight: float = 1.0,
-    lr: float = 0.02,
+    iters: int = 150,
+    reg_weight: float = 20.0,
+    lr: float = 0.1,
     batch: int = 8,
     samples_per_call: int = 2,
     block_types: Iterable[type] | None = None,

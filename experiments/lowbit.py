@@ -7,7 +7,9 @@ FID-to-FP (Inception pool3) beside the noise floor (FID between FP samples of th
 The layer input statistics (GPTQ Hessians, from the FP model through the real sampler on the calibration seeds)
 are collected once and shared by every row; their collection time is reported separately.
 
-Rows are written to the JSON as they finish; a rerun with the same settings skips finished rows (resume).
+Rows are merged into the JSON by row name as they finish (the file is re-read before each write, so concurrent or
+partial runs keep each other's rows); a rerun with the same settings skips finished rows (resume). Each row records
+the CPU and library versions it was measured with (`env`).
 
 Usage::
 
@@ -67,7 +69,17 @@ ROWS = {
     "w4a16-gptq-actorder-smooth": (4, 16, "mse", "gptq", "observer", True, [], {"smooth_first": True}),
     # 9th element: QATConfig fields (experiments/lowbit_qat.py), the fine-tuning after calibration
     "w4a8-gptq-actorder-smooth-qat": (4, 8, "mse", "gptq", "observer", True, [], {"smooth_first": True}, QAT),
-}
+    "w4a8-brecq": (4, 8, "mse", "brecq", "observer", False, []),
+    "w4a8-gptq-brecq": (
+        4, 8, "mse", "brecq", "observer", True, [], {"adaround_init": "gptq", "smooth_first": True}
+    ),
+    "w4a6-gptq-brecq": (
+        4, 6, "mse", "brecq", "observer", True, [], {"adaround_init": "gptq", "smooth_first": True}
+    ),
+    "w3a8-gptq-brecq": (
+        3, 8, "mse", "brecq", "observer", True, [], {"adaround_init": "gptq", "smooth_first": True}
+    ),
+}  # fmt: skip
 DEFAULT_ORDER = [
     "w4a8-nearest",
     "w4a8-gptq",
@@ -99,6 +111,10 @@ DEFAULT_ORDER = [
     "w4a8-adaround-smooth",
     "w4a16-gptq-actorder-smooth",
     "w4a8-gptq-actorder-smooth-qat",
+    "w4a8-brecq",
+    "w4a8-gptq-brecq",
+    "w4a6-gptq-brecq",
+    "w3a8-gptq-brecq",
 ]
 
 
@@ -152,7 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.markdown_only:
         stem = args.out or ("lowbit" if args.model == "mnist-ddpm" else f"lowbit_{args.model}")
-        write_markdown(json.loads((RESULTS / f"{stem}.json").read_text()), RESULTS / f"{stem}.md")
+        write_markdown(load_result(RESULTS / f"{stem}.json"), RESULTS / f"{stem}.md")
         return
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -188,10 +204,14 @@ def main() -> None:
         "weight": "symmetric per-channel; observer per row",
         "activation": "affine per-tensor, one scale per timestep bucket, min-max",
     }
-    result = json.loads(out_json.read_text()) if out_json.exists() else {}
+    result = load_result(out_json)
     if result.get("settings") != settings:
+        if result.get("rows"):
+            raise SystemExit(
+                f"{out_json} holds rows measured with other settings; pass --out to write elsewhere"
+            )
         result = {"settings": settings, "rows": {}}
-    result["env"] = env_info()
+    env = env_info()
 
     def fresh():
         return load_model(ModelConfig(name=args.model))
@@ -258,7 +278,7 @@ def main() -> None:
                 stats = collect_layer_stats(d, lambda: sampler(mm)(calib_seeds))
                 result["statistics_s"] = round(time.perf_counter() - t0, 2)
                 save_stats(stats, stats_file)
-                out_json.write_text(json.dumps(result, indent=1))
+                merge_write(out_json, result, {})
         return stats
 
     rerun = {r.strip() for r in args.rerun.split(",") if r.strip()}
@@ -285,6 +305,7 @@ def main() -> None:
         t_cal = rep["seconds_calibration"]
         ptqd = rep.get("ptqd")
         ada = rep.get("adaround")
+        brq = rep.get("brecq")
         t_round = rep["seconds_total"] - t_cal - (ptqd["seconds"] if ptqd else 0.0)
         if len(ROWS[name]) > 8:
             from lowbit_qat import run_qat
@@ -325,17 +346,50 @@ def main() -> None:
                 k: {kk: v[kk] for kk in ("rel_output_error_start", "rel_output_error", "binary_fraction")}
                 for k, v in ada["layers"].items()
             }
+        if brq is not None:
+            row["brecq"] = {k: v for k, v in brq.items() if k not in ("layers", "units", "filled_buckets")}
+            row["brecq"]["init"] = cfg.weight_rounding.adaround_init
+            row["brecq_units"] = {
+                k: {kk: v[kk] for kk in ("method", "error_start", "error", "binary_fraction")}
+                for k, v in brq["units"].items()
+            }
         row["outliers"] = outlier_note(d)
         if inception is not None:
             row["fid_to_fp"] = fid_from_features(fp_feat, extract_features(q, inception))
-        result["rows"][name] = row
-        out_json.write_text(json.dumps(result, indent=1))
+        row["env"] = env
+        result = merge_write(out_json, result, {name: row})
         print(
             f"{name}: PSNR {row['psnr']:.2f} [{row['psnr_ci95'][0]:.2f}, {row['psnr_ci95'][1]:.2f}] "
             f"LPIPS {row['lpips_alex']:.4f} FID {row.get('fid_to_fp')} round {t_round:.1f}s",
             flush=True,
         )
     write_markdown(result, RESULTS / f"{stem}.md")
+
+
+def load_result(path: Path) -> dict:
+    """The results JSON; rows of the older format (one top-level `env`) get that `env` as their own."""
+    if not path.exists():
+        return {}
+    result = json.loads(path.read_text())
+    old = result.pop("env", None)
+    if old is not None:
+        for row in result.get("rows", {}).values():
+            row.setdefault("env", old)
+    return result
+
+
+def merge_write(path: Path, result: dict, new_rows: dict) -> dict:
+    """Re-read `path`, merge `new_rows` (by row name) and this run's top-level fields into it, write atomically."""
+    on_disk = load_result(path)
+    rows = dict(on_disk.get("rows", {})) if on_disk.get("settings") == result["settings"] else {}
+    for k, v in result.get("rows", {}).items():
+        rows.setdefault(k, v)  # a row another run wrote since this run started wins over this run's old copy
+    rows.update(new_rows)
+    merged = {**on_disk, **{k: v for k, v in result.items() if k != "rows"}, "rows": rows}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, path)
+    return merged
 
 
 def outlier_note(d) -> str:
@@ -381,6 +435,8 @@ def write_markdown(result: dict, path: Path) -> None:
             ro += " after smoothing"
         if "adaround" in r:
             ro += f" (from {r['adaround']['init']}, {r['adaround']['iters']} it)"
+        if "brecq" in r:
+            ro += f" (blocks, from {r['brecq']['init']}, {r['brecq']['iters']} it)"
         ro += "".join(f" + {c}" for c in r.get("corrections", []))
         if "qat" in r:
             ro += f" + LSQ QAT ({r['qat']['steps']} steps, {r['qat_s']} s)"
@@ -390,12 +446,21 @@ def write_markdown(result: dict, path: Path) -> None:
             f"({r['psnr_ci95'][0]:.2f}–{r['psnr_ci95'][1]:.2f}) | {r['lpips_alex']:.4f} | {_f(r.get('fid_to_fp'))} "
             f"| {r['rounding_s']} | {r['activation_calibration_s']} | {r.get('outliers', 'predates')} |"
         )
-    e = result["env"]
+    groups: dict[str, list[str]] = {}
+    for name, r in result["rows"].items():
+        e = r.get("env", {})
+        key = (
+            f"{e.get('cpu', 'unknown CPU')} ({e.get('cpu_capability', '?')}), torch {e.get('torch', '?')}, "
+            f"diffusers {e.get('diffusers', '?')}, {e.get('threads', '?')} thread(s)"
+        )
+        groups.setdefault(key, []).append(name)
+    lines += [""]
+    for key, names in groups.items():
+        lines.append(f"CPU {key}: rows {', '.join(names)}.")
     lines += [
         "",
-        f"CPU: {e['cpu']} ({e['cpu_capability']}), torch {e['torch']}, diffusers {e['diffusers']}, "
-        f"{e['threads']} thread(s); machine shared with other jobs (load average {e['load_average_at_start']}), "
-        "so times are indicative only.",
+        "The machines were shared with other jobs (each row's load average is in the JSON), so times are "
+        "indicative only.",
         "",
         "Regenerate: `python experiments/lowbit.py` (rows resume from the JSON).",
     ]

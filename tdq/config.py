@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 ROUNDINGS = ("nearest", "stochastic")
 OBSERVERS = ("minmax", "percentile", "mse")
 
-WEIGHT_ROUNDING_METHODS = ("nearest", "mse", "gptq", "adaround")
+WEIGHT_ROUNDING_METHODS = ("nearest", "mse", "gptq", "adaround", "brecq")
 ADAROUND_INITS = ("nearest", "gptq")
 WEIGHT_CLIPS = ("observer", "weight_mse", "output_mse")
 CORRECTIONS = ("bias", "ptqd")
@@ -113,7 +114,10 @@ class WeightRounding:
             (second-order column-by-column rounding with each layer's input Hessian from the FP model's
             calibration run through the real sampler) or `"adaround"` (learned up/down rounding per layer that
             minimises the layer's output error against the FP model with the activation quantizers in the loop,
-            starting from `adaround_init`; see `tdq.rounding.adaround`).
+            starting from `adaround_init`; see `tdq.rounding.adaround`) or `"brecq"` (learned rounding of all
+            layers of each block, e.g. a `ResnetBlock2D` or transformer block, that minimises the block's output
+            error against FP with the activation quantizers in the loop, starting from `adaround_init`; see
+            `tdq.rounding.brecq`).
         clip (`str`, *optional*, defaults to `"observer"`):
             Range used by the rounding: `"observer"` (the weight spec's observer), `"weight_mse"` (per-row weight
             MSE search) or `"output_mse"` (per-row output-error search on calibration inputs). `method="mse"` with
@@ -130,11 +134,18 @@ class WeightRounding:
             outlier handling's SmoothQuant smoothing (`outliers.smoothing`) is chosen on the unrounded weights, then
             round the smoothed weights (GPTQ/AdaRound in the smoothed coordinates) and calibrate again keeping that
             smoothing. Without it, smoothing is off for any rounding but `"nearest"`.
-        adaround_init (`str`, *optional*, defaults to `"nearest"`): AdaRound's starting codes, `"nearest"` or
-            `"gptq"`.
+        adaround_init (`str`, *optional*, defaults to `"nearest"`): the starting codes of AdaRound and BRECQ,
+            `"nearest"` or `"gptq"` (GPTQ with `act_order`, `damp`, `block_size`).
         adaround_iters (`int`, *optional*, defaults to `500`): AdaRound Adam iterations per layer.
         adaround_reg (`float`, *optional*, defaults to `10.0`): AdaRound regulariser weight (relative to the
             starting output error).
+        brecq_iters (`int`, *optional*, defaults to `150`): BRECQ Adam iterations per block.
+        brecq_reg (`float`, *optional*, defaults to `20.0`): BRECQ regulariser weight (relative to the starting
+            block output error).
+        brecq_lr (`float`, *optional*, defaults to `0.1`): BRECQ Adam learning rate on the rounding variables.
+        brecq_batch (`int`, *optional*, defaults to `8`): BRECQ calibration samples per iteration.
+        brecq_samples_per_call (`int`, *optional*, defaults to `2`): batch items kept per block and sampler call
+            as BRECQ calibration data (the calls cover every timestep bucket by its step occupancy).
     """
 
     method: str = "nearest"
@@ -147,6 +158,11 @@ class WeightRounding:
     adaround_init: str = "nearest"
     adaround_iters: int = 500
     adaround_reg: float = 10.0
+    brecq_iters: int = 150
+    brecq_reg: float = 20.0
+    brecq_lr: float = 0.1
+    brecq_batch: int = 8
+    brecq_samples_per_call: int = 2
 
     def validate(self, field_name: str = "weight_rounding") -> None:
         """Raise `ConfigError` naming the field if a value is unsupported."""
@@ -182,6 +198,17 @@ class WeightRounding:
             raise ConfigError(
                 f"{field_name}.adaround_reg={self.adaround_reg!r} must be a non-negative number"
             )
+        for name in ("brecq_iters", "brecq_batch", "brecq_samples_per_call"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{field_name}.{name}={v!r} must be a positive integer")
+        for name, lo_open in (("brecq_reg", False), ("brecq_lr", True)):
+            v = getattr(self, name)
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+            if not ok or (float(v) <= 0.0 if lo_open else float(v) < 0.0):
+                raise ConfigError(
+                    f"{field_name}.{name}={v!r} must be a finite {'positive' if lo_open else 'non-negative'} number"
+                )
         bad = [c for c in self.corrections if c not in CORRECTIONS]
         if bad:
             raise ConfigError(

@@ -7,15 +7,18 @@ down or up: `W~ = scale * (floor(W / scale) + h(V) - zero_point)` with a rectifi
 
     L = ||W X - W~ X~||^2 / E_start  +  lambda * mean(1 - |2 h - 1|^beta)
 
-where `X` are the layer's inputs in the FP model and `X~` the inputs it sees in the quantized model (upstream layers
-quantized, then its own per-timestep-bucket activation quantizer), on the same sampler calls. `beta` is annealed
-from 20 to 2 after a warm-up without the regulariser, so the `h` end at 0 or 1; the final codes are `h >= 0.5`.
+where `X` are the layer's inputs in the FP model (FP weights, FP sampler trajectory) and `X~ = Q_act(X)` those inputs
+through the layer's own per-timestep-bucket activation quantizer. Upstream layers stay in floating point: collecting
+`X~` from the quantized model (upstream layers rounded, layers fitted to each other's rounding) lowered every layer's
+error and still made the whole model worse than round-to-nearest; FP-model statistics (what GPTQ uses) do not.
+`beta` is annealed from 20 to 2 after a warm-up without the regulariser, so the `h` end at 0 or 1; the final codes
+are `h >= 0.5`.
 
 The loss is a quadratic form in `W~`, so it is computed from three input moment matrices per layer
 (`sum X~ X~^T`, `sum X X~^T`, `sum X X^T`, collected by [`collect_paired_stats`] through the real sampler on the
 calibration seeds, every call of every timestep bucket, i.e. weighted by step occupancy) and no activation is kept:
-one `[C_out, D] x [D, D]` product per iteration. This is per-layer reconstruction (BRECQ's layer granularity);
-block-level reconstruction through the non-linearities is not implemented.
+one `[C_out, D] x [D, D]` product per iteration. This is per-layer reconstruction; block-level reconstruction
+through the non-linearities is `tdq.rounding.brecq`.
 
 `reconstruct_` runs it on a rounded (GPTQ or round-to-nearest) and activation-calibrated model, starting from its
 current codes, and recalibrates the activations afterwards.
@@ -34,7 +37,7 @@ from torch import nn
 
 from tdq.api import calibrate, get_quantization, iter_quant_layers
 from tdq.quant.quantizers import WeightQuantizer
-from tdq.rounding.calib_stats import layer_input_rows, supports_stats
+from tdq.rounding.calib_stats import fp_run_buckets, layer_input_rows, own_act_quant, supports_stats
 from tdq.rounding.gptq import column_grid, nearest_codes, set_weight_codes_, weight_matrix
 
 logger = logging.getLogger(__name__)
@@ -71,10 +74,16 @@ def collect_paired_stats(
     seed: int = 0,
 ) -> dict[str, PairedStats]:
     """
-    Run the quantized sampler and, on every denoiser call, the FP model on the same input; collect paired moments.
+    Run the sampler over the FP model and collect, per layer, the moments of its FP input `x` and of `x~`, that input
+    through the layer's own (calibrated, per-timestep-bucket) activation quantizer.
+
+    Every layer sees the FP model's inputs (FP weights everywhere, FP sampler trajectory), so a layer's statistics do
+    not depend on how any other layer was rounded: the statistics GPTQ uses, with the layer's activation quantizer in
+    the loop. (Collecting them from the quantized model, upstream layers rounded, made the whole model worse although
+    each layer's error fell.)
 
     Args:
-        model (`nn.Module`): a quantized, calibrated model.
+        model (`nn.Module`): a quantized model with calibrated activation quantizers.
         run (`Callable[[], object]`): runs the real sampler over `model` (calibration seeds).
         fp_weights (`dict[str, torch.Tensor]`): each layer's weight before rounding (the FP pass uses them).
         max_rows (`int`, *optional*, defaults to `512`): input rows sampled per layer and call (fixed seed), to
@@ -84,67 +93,39 @@ def collect_paired_stats(
     Returns:
         `dict[str, PairedStats]`: per layer that `supports_stats`.
     """
-    state = get_quantization(model)
-    ctx = state.context
     layers = {
         n: m for n, m in iter_quant_layers(model) if supports_stats(m) and m.weight_quantizer.spec.enabled
     }
-    qin: dict[str, torch.Tensor] = {}
     stats: dict[str, PairedStats] = {}
-    busy = [False]
     gen = torch.Generator().manual_seed(seed)
-
-    def layer_hook(name: str):
-        def hook(mod, args):
-            x = mod.smooth_input(args[0].detach())
-            if not busy[0]:
-                if ctx.active:
-                    qin[name] = mod.act_quantizer(x)
-                return None
-            xq = qin.pop(name, None)
-            if xq is None or xq.shape != x.shape:
-                return None
-            rf = layer_input_rows(mod, x).float()
-            rq = layer_input_rows(mod, xq).float()
-            if rf.shape[0] > max_rows:
-                idx = torch.randperm(rf.shape[0], generator=gen)[:max_rows].to(rf.device)
-                rf, rq = rf[idx], rq[idx]
-            st = stats.get(name)
-            if st is None:
-                d = rf.shape[1]
-                z = torch.zeros(d, d, dtype=torch.float64, device=rf.device)
-                st = stats[name] = PairedStats(hqq=z, hfq=z.clone(), hff=z.clone())
-            st.hqq += (rq.T @ rq).double()
-            st.hfq += (rf.T @ rq).double()
-            st.hff += (rf.T @ rf).double()
-            st.count += rf.shape[0]
-            return None
-
-        return hook
-
-    def model_hook(module, args, kwargs, output):
-        if busy[0] or not ctx.active:
-            return None
-        busy[0] = True
-        saved = {n: layers[n].weight.data for n in fp_weights if n in layers}
-        try:
-            for n in saved:
-                layers[n].weight.data = fp_weights[n]
-            ctx.active = False
-            module(*args, **kwargs)
-        finally:
-            ctx.active = True
-            for n, w in saved.items():
-                layers[n].weight.data = w
-                layers[n]._wq_cache = None
-            busy[0] = False
-            qin.clear()
-        return None
-
-    handles = [m.register_forward_pre_hook(layer_hook(n)) for n, m in layers.items()]
-    handles.append(model.register_forward_hook(model_hook, with_kwargs=True))
+    handles = []
     try:
-        run()
+        with fp_run_buckets(model, fp_weights) as ctx:
+
+            def layer_hook(name: str):
+                def hook(mod, args):
+                    x = mod.smooth_input(args[0].detach())
+                    xq = own_act_quant(mod, x, ctx)
+                    rf = layer_input_rows(mod, x).float()
+                    rq = layer_input_rows(mod, xq).float()
+                    if rf.shape[0] > max_rows:
+                        idx = torch.randperm(rf.shape[0], generator=gen)[:max_rows].to(rf.device)
+                        rf, rq = rf[idx], rq[idx]
+                    st = stats.get(name)
+                    if st is None:
+                        d = rf.shape[1]
+                        z = torch.zeros(d, d, dtype=torch.float64, device=rf.device)
+                        st = stats[name] = PairedStats(hqq=z, hfq=z.clone(), hff=z.clone())
+                    st.hqq += (rq.T @ rq).double()
+                    st.hfq += (rf.T @ rq).double()
+                    st.hff += (rf.T @ rf).double()
+                    st.count += rf.shape[0]
+                    return None
+
+                return hook
+
+            handles = [m.register_forward_pre_hook(layer_hook(n)) for n, m in layers.items()]
+            run()
     finally:
         for h in handles:
             h.remove()

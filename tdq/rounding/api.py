@@ -20,6 +20,7 @@ from torch import nn
 from tdq.api import calibrate, get_quantization, iter_quant_layers
 from tdq.config import WeightRounding
 from tdq.rounding.adaround import recalibrate_, reconstruct_
+from tdq.rounding.brecq import brecq_reconstruct_
 from tdq.rounding.calib_stats import LayerStats, collect_layer_stats, smoothed_stats, supports_stats
 from tdq.rounding.clipping import search_clipping_
 from tdq.rounding.corrections import fit_bias_correction_, fit_output_correction
@@ -53,7 +54,7 @@ def apply_weight_rounding(
         `dict`: `method`, `clip`, `seconds`, and per layer (`layers`) the rounding that ran and its relative
         output error on the calibration inputs; with `spec.corrections`, also `bias_correction_max_abs` (per
         layer, when `"bias"` is asked) and `_fp_weights` (the weights before rounding, for the PTQD fit); with
-        `method="adaround"`, `_fp_weights` and `_stats` (for `tdq.rounding.adaround.reconstruct_`).
+        `method="adaround"` or `"brecq"`, `_fp_weights` and `_stats` (for `finish_adaround_` / `finish_brecq_`).
     """
     state = get_quantization(model)
     spec = spec or state.config.weight_rounding
@@ -62,8 +63,9 @@ def apply_weight_rounding(
     clip = spec.clip
     if spec.method == "mse" and clip == "observer":
         clip = "output_mse"
-    # AdaRound starts from round-to-nearest or GPTQ here; `reconstruct_` learns the rounding after calibration
-    method = spec.adaround_init if spec.method == "adaround" else spec.method
+    # AdaRound/BRECQ start from round-to-nearest or GPTQ here; they learn the rounding after calibration
+    learned = spec.method in ("adaround", "brecq")
+    method = spec.adaround_init if learned else spec.method
     need = method == "gptq" or clip == "output_mse" or "bias" in spec.corrections
     if need and stats is None:
         if run is None:
@@ -74,7 +76,7 @@ def apply_weight_rounding(
     t_stats = time.perf_counter() - t0
     fp_weights = (
         {n: m.weight.detach().clone() for n, m in iter_quant_layers(model)}
-        if spec.corrections or spec.method == "adaround"
+        if spec.corrections or learned
         else None
     )
     layers: dict[str, Any] = {}
@@ -123,7 +125,7 @@ def apply_weight_rounding(
         extra["bias_correction_max_abs"] = fit_bias_correction_(model, sstats, fp_weights)
     if fp_weights is not None:
         extra["_fp_weights"] = fp_weights
-    if spec.method == "adaround":
+    if learned:
         extra["_stats"] = stats
     return {
         **extra,
@@ -164,6 +166,36 @@ def finish_adaround_(
     return rep
 
 
+def finish_brecq_(
+    model: nn.Module,
+    run: Callable[[], object],
+    spec: WeightRounding,
+    fp_weights: dict,
+    stats: dict[str, LayerStats] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """
+    The BRECQ step of `method="brecq"` on a model rounded by `apply_weight_rounding` and calibrated:
+    `tdq.rounding.brecq.brecq_reconstruct_` (block reconstruction), activation recalibration (`recalibrate_`), then
+    the bias correction is refitted on the new weights when `"bias"` is asked (FP-model `stats`).
+
+    Returns:
+        `dict`: the `brecq_reconstruct_` report, `seconds_recalibration` and `filled_buckets`.
+    """
+    rep = brecq_reconstruct_(
+        model, run, fp_weights, iters=spec.brecq_iters, reg_weight=spec.brecq_reg, lr=spec.brecq_lr,
+        batch=spec.brecq_batch, samples_per_call=spec.brecq_samples_per_call, seed=seed,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    rep["filled_buckets"] = recalibrate_(model, run, seed=seed)
+    rep["seconds_recalibration"] = round(time.perf_counter() - t0, 3)
+    if "bias" in spec.corrections and stats is not None:
+        mods = dict(iter_quant_layers(model))
+        sstats = {n: smoothed_stats(st, mods[n]) for n, st in stats.items() if n in mods}
+        rep["bias_correction_max_abs"] = fit_bias_correction_(model, sstats, fp_weights)
+    return rep
+
+
 def calibrate_with_rounding(
     model: nn.Module,
     run: Callable[[], object],
@@ -190,10 +222,10 @@ def calibrate_with_rounding(
 
     Corrections in `spec.corrections`: `"bias"` is fitted with the rounding (FP-model statistics), `"ptqd"` after
     activation calibration on a further run of the quantized sampler (see `tdq.rounding.corrections`).
-    `method="adaround"` runs `finish_adaround_` after the calibration.
+    `method="adaround"` runs `finish_adaround_` after the calibration, `method="brecq"` `finish_brecq_`.
 
     Returns:
-        `dict`: the rounding report, plus `filled_buckets` from calibration, `adaround` and `ptqd` (if run),
+        `dict`: the rounding report, plus `filled_buckets` from calibration, `adaround`, `brecq` and `ptqd` (if run),
         `seconds_calibration` (activation calibration runs) and `seconds_total`.
     """
     t0 = time.perf_counter()
@@ -211,10 +243,11 @@ def calibrate_with_rounding(
     t1 = time.perf_counter()
     report["filled_buckets"] = (recalibrate_ if smooth_first else calibrate)(model, run, seed=seed)
     t_cal += time.perf_counter() - t1
-    if spec.method == "adaround":
-        report["adaround"] = finish_adaround_(model, run, spec, fp_weights, stats, seed=seed)
-        report["filled_buckets"] = report["adaround"].pop("filled_buckets")
-        t_cal += report["adaround"]["seconds_recalibration"]
+    if spec.method in ("adaround", "brecq"):
+        finish = finish_adaround_ if spec.method == "adaround" else finish_brecq_
+        report[spec.method] = finish(model, run, spec, fp_weights, stats, seed=seed)
+        report["filled_buckets"] = report[spec.method].pop("filled_buckets")
+        t_cal += report[spec.method]["seconds_recalibration"]
     if "ptqd" in spec.corrections:
         t1 = time.perf_counter()
         _, report["ptqd"] = fit_output_correction(model, run, fp_weights)

@@ -13,7 +13,8 @@ that moment, so collecting before rounding gives FP-model statistics (what the p
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -191,3 +192,48 @@ def smoothed_stats(st: LayerStats, module: nn.Module) -> LayerStats:
         bucket_count=st.bucket_count,
         calls_per_bucket=list(st.calls_per_bucket),
     )
+
+
+@contextmanager
+def fp_run_buckets(
+    model: nn.Module, fp_weights: dict[str, torch.Tensor] | None = None
+) -> Iterator[TimestepContext]:
+    """
+    Context manager: run the model in floating point (FP weights) while the timestep bucket of every call is known.
+
+    Inside, the quantized model computes in floating point (`tdq.disabled`), each layer named in `fp_weights` holds
+    that weight (restored on exit), and the yielded private `TimestepContext` carries the bucket(s) of the denoiser
+    call in progress, so hooks can apply a layer's own activation quantizer to its FP input (`own_act_quant`).
+    """
+    state = get_quantization(model)
+    mods = dict(iter_quant_layers(model))
+    saved = {n: mods[n].weight.data for n in (fp_weights or {}) if n in mods}
+    ctx = TimestepContext(state.grid.num_buckets)
+    with disabled(model):
+        hook = TimestepHook(model, state.adapter, state.grid, ctx)
+        try:
+            for n in saved:
+                mods[n].weight.data = fp_weights[n].to(mods[n].weight.dtype)
+                mods[n]._wq_cache = None
+            yield ctx
+        finally:
+            hook.remove()
+            for n, w in saved.items():
+                mods[n].weight.data = w
+                mods[n]._wq_cache = None
+
+
+def own_act_quant(module: nn.Module, x: torch.Tensor, ctx: TimestepContext) -> torch.Tensor:
+    """
+    `module`'s activation quantizer applied to `x` (already smoothed) at the bucket(s) published in `ctx`, while the
+    model otherwise runs in floating point (see `fp_run_buckets`).
+    """
+    qctx = module.context
+    old = qctx.active, qctx.bucket, qctx.buckets
+    qctx.active = True
+    qctx.set(ctx.bucket, ctx.buckets)
+    try:
+        return module.act_quantizer(x)
+    finally:
+        qctx.active = old[0]
+        qctx.set(old[1], old[2])

@@ -32,7 +32,7 @@ from _common import bootstrap_ci, env_info  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # name -> (weight bits, act bits, weight observer, rounding method, clip, act_order, corrections[, extra
-# WeightRounding fields])
+# WeightRounding fields; "levels" there is the weight QuantSpec's non-uniform levels])
 ROWS = {
     "w8a8-nearest": (8, 8, "minmax", "nearest", "observer", False, []),
     "w4a8-nearest-minmax": (4, 8, "minmax", "nearest", "observer", False, []),
@@ -63,6 +63,19 @@ ROWS = {
     "w4a8-gptq-actorder-smooth": (4, 8, "mse", "gptq", "observer", True, [], {"smooth_first": True}),
     "w4a8-adaround-smooth": (4, 8, "mse", "adaround", "observer", False, [], {"smooth_first": True}),
     "w4a16-gptq-actorder-smooth": (4, 16, "mse", "gptq", "observer", True, [], {"smooth_first": True}),
+    "w4a8-kmeans": (4, 8, "mse", "nearest", "observer", False, [], {"levels": "kmeans"}),
+    "w4a8-log2": (4, 8, "mse", "nearest", "observer", False, [], {"levels": "log2"}),
+    "w4a8-kmeans-gptq-actorder-smooth": (
+        4,
+        8,
+        "mse",
+        "gptq",
+        "observer",
+        True,
+        [],
+        {"levels": "kmeans", "smooth_first": True},
+    ),
+    "w4a16-kmeans": (4, 16, "mse", "nearest", "observer", False, [], {"levels": "kmeans"}),
 }
 DEFAULT_ORDER = [
     "w4a8-nearest",
@@ -262,9 +275,10 @@ def main() -> None:
             print(f"{name}: done (resume)", flush=True)
             continue
         wb, ab, obs, method, clip, act_order, corrections = ROWS[name][:7]
-        extra = ROWS[name][7] if len(ROWS[name]) > 7 else {}
+        extra = dict(ROWS[name][7]) if len(ROWS[name]) > 7 else {}
+        levels = extra.pop("levels", "uniform")
         cfg = TDQConfig(
-            weight=QuantSpec(bits=wb, granularity="per_channel", symmetric=True, observer=obs),
+            weight=QuantSpec(bits=wb, granularity="per_channel", symmetric=True, observer=obs, levels=levels),
             activation=QuantSpec(bits=ab, granularity="per_tensor", symmetric=False, observer="minmax"),
             grid=grid(),
             weight_rounding=WeightRounding(
@@ -295,6 +309,7 @@ def main() -> None:
             "act_order": act_order,
             "corrections": list(corrections),
             "smooth_first": bool(rep.get("smooth_first")),
+            "levels": levels,
             "psnr": float(psnr.mean()),
             "psnr_ci95": bootstrap_ci(psnr),
             "lpips_alex": float(lpips.mean()),
@@ -372,6 +387,8 @@ def write_markdown(result: dict, path: Path) -> None:
             ro += f" (from {r['adaround']['init']}, {r['adaround']['iters']} it)"
         ro += "".join(f" + {c}" for c in r.get("corrections", []))
         clip = r["clip"] if r["clip"] != "observer" else f"{r['weight_observer']} observer"
+        if r.get("levels", "uniform") != "uniform":
+            clip += f", {r['levels']} levels"
         lines.append(
             f"| {name} | {r['weight_bits']} | {r['act_bits']} | {ro} | {clip} | {r['psnr']:.2f} "
             f"({r['psnr_ci95'][0]:.2f}–{r['psnr_ci95'][1]:.2f}) | {r['lpips_alex']:.4f} | {_f(r.get('fid_to_fp'))} "

@@ -38,7 +38,8 @@ def log2_levels(scale: torch.Tensor, bits: int) -> torch.Tensor:
     n = 2 ** (bits - 1)  # exponent codes per sign; the last one is zero
     mags = torch.cat([2.0 ** -torch.arange(n - 1, dtype=torch.float32), torch.zeros(1)]).to(scale.device)
     pos = scale.float() * mags.unsqueeze(0)  # [rows, n], decreasing
-    return torch.cat([-pos, pos.flip(1)], dim=1)  # -s .. -s/2^(n-2), 0, 0, s/2^(n-2) .. s
+    # -s .. -s/2^(n-2), 0, 0, s/2^(n-2) .. s (`+ 0.0` turns -0.0 into +0.0)
+    return torch.cat([-pos, pos.flip(1)], dim=1) + 0.0
 
 
 def nearest_codes(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,9 @@ def lookup(codes: torch.Tensor, codebook: torch.Tensor, dtype: torch.dtype) -> t
 
 @torch.no_grad()
 def fit_log2(rows: torch.Tensor, bits: int, search: bool) -> torch.Tensor:
-    """Log2 codebook per row: scale `max|w|` or, with `search`, the candidate `r * max|w|` of least MSE."""
+    """Log2 codebook per row: scale `max|w|` or, with `search`, the candidate `r * max|w|` of least MSE (NaN/inf
+    weights are ignored by the fit)."""
+    rows = torch.nan_to_num(rows.float(), nan=0.0, posinf=0.0, neginf=0.0)
     amax = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
     if not search:
         return log2_levels(amax, bits)

@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QAT = {"steps": 200, "batch_size": 8, "num_samples": 64, "lr": 1e-3, "weight_lr": 5e-3}
 
 # name -> (weight bits, act bits, weight observer, rounding method, clip, act_order, corrections[, extra
-# WeightRounding fields])
+# WeightRounding fields; "levels" there is the weight QuantSpec's non-uniform levels])
 ROWS = {
     "w8a8-nearest": (8, 8, "minmax", "nearest", "observer", False, []),
     "w4a8-nearest-minmax": (4, 8, "minmax", "nearest", "observer", False, []),
@@ -79,6 +79,19 @@ ROWS = {
     "w3a8-gptq-brecq": (
         3, 8, "mse", "brecq", "observer", True, [], {"adaround_init": "gptq", "smooth_first": True}
     ),
+    "w4a8-kmeans": (4, 8, "mse", "nearest", "observer", False, [], {"levels": "kmeans"}),
+    "w4a8-log2": (4, 8, "mse", "nearest", "observer", False, [], {"levels": "log2"}),
+    "w4a8-kmeans-gptq-actorder-smooth": (
+        4,
+        8,
+        "mse",
+        "gptq",
+        "observer",
+        True,
+        [],
+        {"levels": "kmeans", "smooth_first": True},
+    ),
+    "w4a16-kmeans": (4, 16, "mse", "nearest", "observer", False, [], {"levels": "kmeans"}),
 }  # fmt: skip
 DEFAULT_ORDER = [
     "w4a8-nearest",
@@ -115,6 +128,10 @@ DEFAULT_ORDER = [
     "w4a8-gptq-brecq",
     "w4a6-gptq-brecq",
     "w3a8-gptq-brecq",
+    "w4a8-kmeans",
+    "w4a8-log2",
+    "w4a8-kmeans-gptq-actorder-smooth",
+    "w4a16-kmeans",
 ]
 
 
@@ -287,9 +304,10 @@ def main() -> None:
             print(f"{name}: done (resume)", flush=True)
             continue
         wb, ab, obs, method, clip, act_order, corrections = ROWS[name][:7]
-        extra = ROWS[name][7] if len(ROWS[name]) > 7 else {}
+        extra = dict(ROWS[name][7]) if len(ROWS[name]) > 7 else {}
+        levels = extra.pop("levels", "uniform")
         cfg = TDQConfig(
-            weight=QuantSpec(bits=wb, granularity="per_channel", symmetric=True, observer=obs),
+            weight=QuantSpec(bits=wb, granularity="per_channel", symmetric=True, observer=obs, levels=levels),
             activation=QuantSpec(bits=ab, granularity="per_tensor", symmetric=False, observer="minmax"),
             grid=grid(),
             weight_rounding=WeightRounding(
@@ -325,6 +343,7 @@ def main() -> None:
             "act_order": act_order,
             "corrections": list(corrections),
             "smooth_first": bool(rep.get("smooth_first")),
+            "levels": levels,
             "psnr": float(psnr.mean()),
             "psnr_ci95": bootstrap_ci(psnr),
             "lpips_alex": float(lpips.mean()),
@@ -441,6 +460,8 @@ def write_markdown(result: dict, path: Path) -> None:
         if "qat" in r:
             ro += f" + LSQ QAT ({r['qat']['steps']} steps, {r['qat_s']} s)"
         clip = r["clip"] if r["clip"] != "observer" else f"{r['weight_observer']} observer"
+        if r.get("levels", "uniform") != "uniform":
+            clip += f", {r['levels']} levels"
         lines.append(
             f"| {name} | {r['weight_bits']} | {r['act_bits']} | {ro} | {clip} | {r['psnr']:.2f} "
             f"({r['psnr_ci95'][0]:.2f}–{r['psnr_ci95'][1]:.2f}) | {r['lpips_alex']:.4f} | {_f(r.get('fid_to_fp'))} "

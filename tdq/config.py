@@ -23,6 +23,7 @@ CONFIG_VERSION = 1
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 ROUNDINGS = ("nearest", "stochastic")
 OBSERVERS = ("minmax", "percentile", "mse")
+LEVELS = ("uniform", "log2", "kmeans")
 
 WEIGHT_ROUNDING_METHODS = ("nearest", "mse", "gptq", "adaround", "brecq")
 ADAROUND_INITS = ("nearest", "gptq")
@@ -60,6 +61,11 @@ class QuantSpec:
             Percentile used by the `"percentile"` observer.
         enabled (`bool`, *optional*, defaults to `True`):
             Whether this tensor kind is quantized at all.
+        levels (`str`, *optional*, defaults to `"uniform"`):
+            Weights only: `"uniform"` (integer grid), `"log2"` (sign + exponent, `±scale * 2^-e` and 0, per row) or
+            `"kmeans"` (Lloyd-Max levels fitted to each row's values), `2^bits` levels per row of the granularity
+            (`per_channel`: per output channel; `per_tensor`: per layer). Simulated, and run by the weight-only
+            lookup-table backend; the int8 kernels need uniform levels (see `tdq.quant.codebook`).
     """
 
     bits: int = 8
@@ -70,6 +76,7 @@ class QuantSpec:
     observer: str = "minmax"
     percentile: float = 99.99
     enabled: bool = True
+    levels: str = "uniform"
 
     def validate(self, field_name: str, allowed_bits: tuple[int, ...]) -> None:
         """Raise `ConfigError` naming `field_name` if any value is unsupported (wrong type or out of range)."""
@@ -89,6 +96,12 @@ class QuantSpec:
         if not is_real(self.percentile) or not 0.0 < self.percentile <= 100.0:
             raise ConfigError(f"{field_name}.percentile={self.percentile!r} must be a number in (0, 100]")
         check_bool(self.enabled, f"{field_name}.enabled")
+        check_choice(self.levels, LEVELS, f"{field_name}.levels")
+        if self.levels != "uniform" and self.rounding != "nearest":
+            raise ConfigError(
+                f"{field_name}.rounding={self.rounding!r} is not supported with {field_name}.levels="
+                f"{self.levels!r}; codebook levels round to the nearest level"
+            )
 
 
 def _default_weight_spec() -> QuantSpec:
@@ -365,6 +378,11 @@ class TDQConfig:
             )
         if self.weight.granularity == "per_token":
             raise ConfigError("weight.granularity='per_token' is for activations only")
+        if self.activation.levels != "uniform":
+            raise ConfigError(
+                f"activation.levels={self.activation.levels!r} is not supported; non-uniform levels are for "
+                "weights only"
+            )
         self.grid.validate("grid")
         for list_name in ("include", "exclude"):
             patterns = getattr(self, list_name)
@@ -398,6 +416,19 @@ class TDQConfig:
         if not isinstance(self.qat, QATConfig):
             raise ConfigError(f"qat must be a QATConfig or a mapping, got {type(self.qat).__name__}")
         self.qat.validate("qat")
+        if self.weight.levels != "uniform" and (
+            self.weight_rounding.method in ("mse", "adaround", "brecq")
+            or self.weight_rounding.clip != "observer"
+        ):
+            raise ConfigError(
+                f"weight.levels={self.weight.levels!r} works with weight_rounding.method 'nearest' or 'gptq' and "
+                f"clip 'observer', got method={self.weight_rounding.method!r}, clip={self.weight_rounding.clip!r}"
+            )
+        if self.weight.levels != "uniform" and self.qat.enabled:
+            raise ConfigError(
+                f"weight.levels={self.weight.levels!r}: QAT (qat.enabled) learns uniform step sizes; use "
+                "weight.levels='uniform' with QAT"
+            )
         for pattern in [*self.include, *self.exclude, *self.overrides]:
             if pattern.startswith("re:"):
                 try:
@@ -461,6 +492,10 @@ class TDQConfig:
                 a.bits = ov.act_bits
             w.validate(f"{where}.weight", WEIGHT_BITS)
             a.validate(f"{where}.activation", ACT_BITS)
+            if a.levels != "uniform":
+                raise ConfigError(
+                    f"{where}.activation.levels={a.levels!r} is not supported; non-uniform levels are for weights only"
+                )
             if a.granularity != "per_tensor":
                 raise ConfigError(
                     f"{where}.activation.granularity={a.granularity!r} is not supported; use per_tensor"

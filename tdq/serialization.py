@@ -10,6 +10,10 @@ A state directory holds two files:
   model under its usual name, so the state alone rebuilds the model from a randomly initialised skeleton of the
   same architecture; with `include_float=False` it holds only the quantized layers and is loaded on top of a model
   that already has its float weights.
+  A layer with non-uniform weight levels (`weight.levels` log2/kmeans) stores unsigned codebook indices as its
+  codes (`uint8`, packed at <= 4 bits) and its per-row levels as `<layer>.weight_quantizer.codebook`
+  (`[rows, 2^bits]`, float32, sorted); loading refuses a codebook that is not finite, sorted and of that shape, and
+  indices beyond `2^bits - 1`.
   Output corrections of `tdq.rounding.corrections` are part of the state: a layer's per-bucket bias correction is
   its `<layer>.bucket_bias` buffer (`[K, C_out]`), the PTQD-style output correction the tensors
   `_tdq_output_correction.gain` (`[K]`) and `_tdq_output_correction.bias` (`[K, C]`); loading installs them again.
@@ -46,10 +50,11 @@ from tdq.api import QUANTIZATION_ATTR, get_quantization, iter_quant_layers, quan
 from tdq.config import ACT_BITS, GRANULARITIES, WEIGHT_BITS, TDQConfig
 from tdq.errors import ConfigError
 from tdq.grid import SPACINGS, UNITS, is_real
+from tdq.quant import codebook as CB
 from tdq.quant import functional as F
 from tdq.quant.attention import attention_state_keys, is_attention_quantizer_key, iter_attention_quantizers
 from tdq.quant.modules import quant_module_class
-from tdq.quant.quantizers import NotCalibratedError, TimestepContext
+from tdq.quant.quantizers import NotCalibratedError, TimestepContext, codes_signed
 from tdq.rounding.corrections import (
     OUTPUT_CORRECTION_KEY,
     get_output_correction,
@@ -142,6 +147,8 @@ def _weight_codes(wq, fq: torch.Tensor) -> torch.Tensor:
     half-precision weights too (`WeightQuantizer.int_codes` divides by the float32 scale).
     """
     rows = F.reshape_for_granularity(fq, wq.spec.granularity, wq.spec.group_size).float()
+    if wq.has_codebook:  # the levels as the forward pass used them (cast to the weight's dtype)
+        return CB.nearest_codes(rows, wq.codebook.to(fq.dtype).float()).to(torch.uint8)
     qmin, qmax = wq.qrange()
     scale = wq.scale.to(fq.dtype).float()
     zero_point = wq.zero_point.to(fq.dtype).float()
@@ -155,9 +162,14 @@ def _dequantize_weight(
     shape: tuple[int, ...],
     granularity: str,
     dtype: torch.dtype,
+    codebook: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`(q - zp) * scale` in `dtype`, the arithmetic of `fake_quantize`, so the result equals the fake-quant weight."""
-    rows = (codes.to(dtype) - zero_point.to(dtype)) * scale.to(dtype)
+    """`(q - zp) * scale` in `dtype`, the arithmetic of `fake_quantize` (or the lookup `codebook[row, q]`), so the
+    result equals the fake-quant weight."""
+    if codebook is not None:
+        rows = CB.lookup(codes, codebook, dtype)
+    else:
+        rows = (codes.to(dtype) - zero_point.to(dtype)) * scale.to(dtype)
     return F.restore_from_granularity(rows, torch.Size(shape), granularity).contiguous()
 
 
@@ -353,7 +365,7 @@ def save_quantization(
             with torch.no_grad():
                 fq = m.quantized_weight().detach()
                 codes = _weight_codes(wq, fq)
-                layout = _code_layout(int(wq.bits), spec.symmetric)
+                layout = _code_layout(int(wq.bits), wq.codes_signed)
                 rows, cols = codes.shape
                 deq = _dequantize_weight(
                     codes.to(torch.int16),
@@ -362,6 +374,7 @@ def save_quantization(
                     tuple(fq.shape),
                     spec.granularity,
                     fq.dtype,
+                    wq.codebook if wq.has_codebook else None,
                 )
                 if not torch.equal(deq, fq):
                     mismatched.append(name)
@@ -680,6 +693,23 @@ def _check_quantizer_values(name: str, tensors: dict[str, torch.Tensor]) -> None
                 )
 
 
+def _check_codebook_state(name: str, info: dict, bits: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise `SavedQuantizationError` naming the tensor unless a codebook layer's levels are a finite, sorted
+    `[rows, 2^bits]` table and its stored indices are all below `2^bits`."""
+    key = f"{name}.weight_quantizer.codebook"
+    rows = int(info["code_rows"])
+    why = CB.check_codebook(tensors[key], rows, bits, key)
+    if why:
+        raise SavedQuantizationError(f"tdq state is corrupted: layer {name!r}: {why}")
+    codes = _unpack_codes(tensors[name + CODES_SUFFIX], info["code_layout"], rows, int(info["code_cols"]))
+    top = int(codes.max()) if codes.numel() else 0
+    if top >= 2**bits or (codes.numel() and int(codes.min()) < 0):
+        raise SavedQuantizationError(
+            f"tdq state is corrupted: layer {name!r}: codes {name + CODES_SUFFIX!r} hold index {top}; a "
+            f"{bits}-bit codebook has indices 0..{2**bits - 1}"
+        )
+
+
 def _expected_state(
     model: nn.Module, config: TDQConfig, num_buckets: int, quantized: bool, layer_filter=None
 ) -> tuple[list[str], dict[str, tuple[tuple, torch.dtype]]]:
@@ -803,6 +833,9 @@ def load_quantization(
                 dtype = _codes_dtype(layout)
         if not include_float and layer not in name_set and not is_attention_quantizer_key(key):
             continue
+        if layer in name_set and key == layer + ".weight_quantizer.codebook":
+            # its shape follows the layer's saved bit-width (a precision schedule may differ from the spec)
+            shape = (shape[0], 2 ** int(saved_layers[layer]["weight_bits"]))
         if key.endswith((".act_smooth", ".bucket_bias")) and layer in name_set and key not in tensors:
             continue  # optional smoothing / bias-correction buffer: the saved layer has none
         checked.add(key)
@@ -856,12 +889,13 @@ def load_quantization(
                 f"tdq state is corrupted: layer {name!r} has bits W{wbits}/A{abits} in {STATE_FILE} but "
                 f"W{info['weight_bits']}/A{info['act_bits']} in {CONFIG_FILE}"
             )
-        if info["code_layout"] != "float" and info["code_layout"] != _code_layout(
-            wbits, config.layer_specs(name)[0].symmetric
-        ):
+        wspec = config.layer_specs(name)[0]
+        if info["code_layout"] != "float" and info["code_layout"] != _code_layout(wbits, codes_signed(wspec)):
             raise SavedQuantizationError(
                 f"tdq state is corrupted: layer {name!r} has code layout {info['code_layout']!r}"
             )
+        if wspec.levels != "uniform" and info["code_layout"] != "float":
+            _check_codebook_state(name, info, wbits, tensors)
 
     # 4. build the state dict to load: dequantize the codes in the dtype they were saved from.
     load: dict[str, torch.Tensor] = {}
@@ -893,6 +927,7 @@ def load_quantization(
             tuple(info["weight_shape"]),
             gran,
             _dtype_from_name(info["weight_dtype"]),
+            tensors.get(f"{name}.weight_quantizer.codebook"),
         )
         load[name + ".weight"] = weight.to(modules[name].weight.dtype)
 

@@ -187,7 +187,8 @@ class QuantMixin:
             act_bits (`int` or `torch.LongTensor` of shape `[K]`, *optional*): activation bits for all or each bucket.
         """
         if weight_bits is not None:
-            self.weight_quantizer.set_bits(int(weight_bits))
+            wq = self.weight_quantizer
+            wq.set_bits(int(weight_bits), self.weight.detach() if wq.has_codebook else None)
             self._wq_cache = None
         if act_bits is not None:
             act_bits = torch.as_tensor(act_bits)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tdq.config import QuantSpec
+from tdq.quant import codebook as CB
 from tdq.quant import functional as F
 from tdq.quant.observers import Observer, make_observer
 
@@ -100,6 +101,11 @@ class WeightQuantizer(nn.Module):
     The clipping range (`min_val`, `max_val` per row) is stored, and scales follow from it and `bits`, so changing
     the bit-width (e.g. from a `PrecisionSchedule`) needs no recalibration.
 
+    With non-uniform levels (`spec.levels` `"log2"` or `"kmeans"`, see `tdq.quant.codebook`) a `codebook` buffer
+    `[rows, 2^bits]` holds each row's sorted levels and the fake-quantized weight is `codebook[row, nearest code]`;
+    `min_val`/`max_val` then hold the codebook's ends and `scale` its largest magnitude over `qmax` (informational).
+    Changing the bit-width refits the codebook (it needs the weight).
+
     Args:
         spec (`QuantSpec`): the weight spec.
         weight (`torch.Tensor`): the weight whose range is estimated.
@@ -116,6 +122,10 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("max_val", torch.zeros(rows.shape[0], 1, device=weight.device))
         self.register_buffer("scale", torch.ones(rows.shape[0], 1, device=weight.device))
         self.register_buffer("zero_point", torch.zeros(rows.shape[0], 1, device=weight.device))
+        if self.has_codebook:
+            self.register_buffer(
+                "codebook", torch.zeros(rows.shape[0], 2 ** int(spec.bits), device=weight.device)
+            )
         # Built on the meta device: every buffer is garbage after `to_empty()` until a state is loaded or `reset_`.
         self.needs_init = weight.is_meta
         if not weight.is_meta:
@@ -128,15 +138,36 @@ class WeightQuantizer(nn.Module):
         self.calibrate_(weight)
         self.needs_init = False
 
+    @property
+    def has_codebook(self) -> bool:
+        """Whether the levels are a per-row codebook (`spec.levels` not `"uniform"`)."""
+        return getattr(self.spec, "levels", "uniform") != "uniform"
+
+    @property
+    def codes_signed(self) -> bool:
+        """Whether the stored codes are signed (symmetric uniform) or unsigned (affine, or codebook indices)."""
+        return codes_signed(self.spec)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "codebook"
+        if self.has_codebook and key in state_dict and state_dict[key].shape != self.codebook.shape:
+            # a state saved at another bit-width (precision schedule): the table takes the saved shape
+            self._buffers["codebook"] = torch.empty_like(state_dict[key], device=self.scale.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if all(prefix + k in state_dict for k in self._buffers):
             self.needs_init = False
 
     @torch.no_grad()
-    def calibrate_(self, weight: torch.Tensor) -> None:
-        """Estimate the per-row clipping range of `weight` with the spec's observer, then derive scales."""
+    def calibrate_(self, weight: torch.Tensor, element_weights: torch.Tensor | None = None) -> None:
+        """
+        Estimate the per-row clipping range of `weight` with the spec's observer, then derive scales; with a
+        codebook, fit the levels (`element_weights`, broadcastable to the `[rows, cols]` view, weight the k-means
+        fit, e.g. by the input second moments of each column).
+        """
         rows = F.reshape_for_granularity(weight.detach().float(), self.spec.granularity, self.spec.group_size)
+        if self.has_codebook:
+            self._fit_codebook(rows, element_weights)
+            return
         mn = rows.amin(dim=1, keepdim=True)
         mx = rows.amax(dim=1, keepdim=True)
         if self.spec.observer == "percentile":
@@ -149,16 +180,40 @@ class WeightQuantizer(nn.Module):
         self.max_val.copy_(mx)
         self._update_scale()
 
+    def _fit_codebook(self, rows: torch.Tensor, element_weights: torch.Tensor | None) -> None:
+        bits = int(self.bits)
+        if self.spec.levels == "log2":
+            cb = CB.fit_log2(rows, bits, search=self.spec.observer == "mse")
+        else:
+            cb = CB.fit_kmeans(rows, bits, element_weights)
+        if self.codebook.shape != cb.shape:
+            self._buffers["codebook"] = torch.empty_like(cb, device=self.scale.device)
+        self.codebook.copy_(cb)
+        self.min_val.copy_(cb[:, :1])
+        self.max_val.copy_(cb[:, -1:])
+        self._update_scale()
+
     def _update_scale(self) -> None:
         scale, zp = F.scale_zero_point(self.min_val, self.max_val, int(self.bits), self.spec.symmetric)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
 
     @torch.no_grad()
-    def set_bits(self, bits: int) -> None:
-        """Change the bit-width; scales follow from the stored range."""
+    def set_bits(self, bits: int, weight: torch.Tensor | None = None) -> None:
+        """Change the bit-width; scales follow from the stored range (a codebook is refitted to `weight`)."""
         if bits not in range(2, 9):
             raise ValueError(f"layer {self.layer_name!r}: weight bits={bits} is not supported; choose 2..8")
+        if self.has_codebook:
+            if int(bits) == int(self.bits):
+                return
+            if weight is None:
+                raise ValueError(
+                    f"layer {self.layer_name!r}: weight.levels={self.spec.levels!r}: changing the bit-width refits "
+                    "the codebook and needs the weight (use the layer's set_bits)"
+                )
+            self.bits.fill_(int(bits))
+            self.calibrate_(weight)
+            return
         self.bits.fill_(int(bits))
         self._update_scale()
 
@@ -173,6 +228,11 @@ class WeightQuantizer(nn.Module):
         if self.needs_init:
             raise _meta_error(self.layer_name)
         rows = F.reshape_for_granularity(weight, self.spec.granularity, self.spec.group_size)
+        if self.has_codebook:
+            wq = CB.lookup(CB.nearest_codes(rows.detach(), self.codebook), self.codebook, rows.dtype)
+            if rows.requires_grad:
+                wq = wq + (rows - rows.detach())  # straight-through; the values stay exactly the levels
+            return F.restore_from_granularity(wq, weight.shape, self.spec.granularity)
         qmin, qmax = self.qrange()
         stochastic = self.spec.rounding == "stochastic" and self.training
         wq = F.fake_quantize(
@@ -182,16 +242,34 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def int_codes(self, weight: torch.Tensor) -> torch.Tensor:
-        """Integer codes of `weight` as `int8` rows (the layout of `reshape_for_granularity`)."""
+        """Integer codes of `weight` as `int8` rows (the layout of `reshape_for_granularity`); codebook indices
+        as `uint8`."""
         rows = F.reshape_for_granularity(weight.float(), self.spec.granularity, self.spec.group_size)
+        if self.has_codebook:
+            return CB.nearest_codes(rows, self.codebook).to(torch.uint8)
         qmin, qmax = self.qrange()
         return F.quantize(rows, self.scale, self.zero_point, qmin, qmax).to(
             torch.int8 if qmin < 0 else torch.uint8
         )
 
+    @torch.no_grad()
+    def dequantize_codes(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows of codes back to values in `dtype` (`(q - zp) * scale`, or the codebook lookup): the forward's
+        arithmetic, so the result equals the fake-quantized weight bit for bit."""
+        if self.has_codebook:
+            return CB.lookup(rows, self.codebook, dtype)
+        return (rows.to(dtype) - self.zero_point.to(dtype)) * self.scale.to(dtype)
+
     def extra_repr(self) -> str:
         s = self.spec
-        return f"bits={int(self.bits)}, {s.granularity}, {'symmetric' if s.symmetric else 'affine'}"
+        lv = "" if not self.has_codebook else f", {s.levels} levels"
+        return f"bits={int(self.bits)}, {s.granularity}, {'symmetric' if s.symmetric else 'affine'}{lv}"
+
+
+def codes_signed(spec: QuantSpec) -> bool:
+    """Whether a weight spec stores signed codes (symmetric uniform levels); affine and codebook indices are
+    unsigned."""
+    return spec.symmetric and getattr(spec, "levels", "uniform") == "uniform"
 
 
 @torch.no_grad()

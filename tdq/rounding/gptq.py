@@ -19,6 +19,7 @@ import time
 import torch
 from torch import nn
 
+from tdq.quant import codebook as CB
 from tdq.quant import functional as F
 from tdq.quant.quantizers import WeightQuantizer
 
@@ -95,9 +96,10 @@ def gptq_codes(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    codebook: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
-    GPTQ integer codes of a weight matrix on a fixed elementwise grid.
+    GPTQ integer codes of a weight matrix on a fixed elementwise grid (or on per-row codebook levels).
 
     Args:
         w (`torch.Tensor`): the float weight `[C_out, D]`.
@@ -109,9 +111,12 @@ def gptq_codes(
         damp (`float`, *optional*, defaults to `0.01`): diagonal damping as a fraction of the mean diagonal.
         act_order (`bool`, *optional*, defaults to `False`): process columns by decreasing Hessian diagonal.
         block_size (`int`, *optional*, defaults to `128`): columns per lazy batch update.
+        codebook (`torch.Tensor`, *optional*): sorted levels per output row `[C_out, L]`: each column is rounded
+            to its row's nearest level instead of the uniform grid (`scale`, `zero_point`, `qmin`, `qmax` unused).
 
     Returns:
-        `torch.Tensor`: float32 integer-valued codes `[C_out, D]` in `[qmin, qmax]`.
+        `torch.Tensor`: float32 integer-valued codes `[C_out, D]` in `[qmin, qmax]` (codebook indices in
+        `[0, L - 1]` with `codebook`).
     """
     out, cols = w.shape
     if hessian.shape != (cols, cols):
@@ -119,8 +124,8 @@ def gptq_codes(
             f"GPTQ: Hessian of shape {tuple(hessian.shape)} does not match {cols} weight columns"
         )
     W = w.to(torch.float64).clone()
-    S = scale.to(torch.float64)
-    Z = zero_point.to(torch.float64)
+    S = torch.zeros_like(W) if codebook is not None else scale.to(torch.float64)
+    Z = torch.zeros_like(W) if codebook is not None else zero_point.to(torch.float64)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(hessian), descending=True)
@@ -128,6 +133,7 @@ def gptq_codes(
         hessian = hessian[perm][:, perm]
     U = _damped_inverse_chol(hessian, damp)  # upper Cholesky factor of H^-1
     Q = torch.zeros_like(W)
+    cb = None if codebook is None else codebook.to(torch.float64).expand(out, -1).contiguous()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
@@ -136,9 +142,15 @@ def gptq_codes(
         for i in range(i2 - i1):
             col = W1[:, i]
             s, z = S[:, i1 + i], Z[:, i1 + i]
-            q = torch.clamp(torch.round(col / s) + z, qmin, qmax)
+            if cb is None:
+                q = torch.clamp(torch.round(col / s) + z, qmin, qmax)
+                deq = (q - z) * s
+            else:
+                q = CB.nearest_codes(col.unsqueeze(1), cb)
+                deq = CB.lookup(q, cb, torch.float64).squeeze(1)
+                q = q.squeeze(1).to(W.dtype)
             Q[:, i1 + i] = q
-            err = (col - (q - z) * s) / U1[i, i]
+            err = (col - deq) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
@@ -158,8 +170,11 @@ def set_weight_codes_(module: nn.Module, codes: torch.Tensor) -> None:
     wq: WeightQuantizer = module.weight_quantizer
     w = module.weight
     out = w.shape[0]
-    s, z = column_grid(wq, out, codes.shape[1])
-    deq = ((codes - z) * s).to(w.dtype)  # the arithmetic of F.fake_quantize
+    if wq.has_codebook:
+        deq = CB.lookup(codes, wq.codebook, w.dtype)  # the forward's table lookup
+    else:
+        s, z = column_grid(wq, out, codes.shape[1])
+        deq = ((codes - z) * s).to(w.dtype)  # the arithmetic of F.fake_quantize
     w.data.copy_(deq.reshape(w.shape))
     module._wq_cache = None
     if not torch.equal(wq(w.detach()), w.detach()):
@@ -193,6 +208,10 @@ def gptq_layer_(
     wq: WeightQuantizer = module.weight_quantizer
     w = weight_matrix(module).float()
     out, cols = w.shape
+    if wq.has_codebook:
+        return _gptq_codebook_layer_(
+            module, w, hessian, damp=damp, act_order=act_order, block_size=block_size
+        )
     s, z = column_grid(wq, out, cols)
     qmin, qmax = wq.qrange()
     rtn = (nearest_codes(w, s, z, qmin, qmax) - z) * s
@@ -207,6 +226,48 @@ def gptq_layer_(
     else:
         method = "gptq"
     set_weight_codes_(module, codes)
+    return {
+        "method": method,
+        "rel_output_error_nearest": err_rtn,
+        "rel_output_error": min(err_rtn, err_gptq),
+        "seconds": round(time.perf_counter() - t0, 4),
+    }
+
+
+@torch.no_grad()
+def _gptq_codebook_layer_(module, w, hessian, *, damp, act_order, block_size) -> dict:
+    """GPTQ onto a layer's per-row codebook (`weight.levels` log2/kmeans); a k-means codebook is first refitted
+    with each column weighted by the Hessian diagonal (the input second moments), so the levels sit where the
+    output error is largest. Per-group codebooks round to nearest (one codebook per column group: not supported)."""
+    t0 = time.perf_counter()
+    wq: WeightQuantizer = module.weight_quantizer
+    note = ""
+    if wq.spec.levels == "kmeans" and wq.spec.granularity != "per_group":
+        wq.calibrate_(
+            module.weight.detach(), element_weights=torch.diagonal(hessian).float().clamp(min=0)[None]
+        )
+        module._wq_cache = None
+        note = ", kmeans weighted by the Hessian diagonal"
+    if wq.spec.granularity == "per_group":  # the quantizer's forward rounds to the nearest level
+        return {
+            "method": f"nearest ({wq.spec.levels} codebook per group: no GPTQ)",
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
+    cb = wq.codebook
+    rtn = CB.lookup(CB.nearest_codes(w, cb), cb, torch.float32)
+    codes = gptq_codes(
+        w, hessian, None, None, 0, 0, damp=damp, act_order=act_order, block_size=block_size, codebook=cb
+    )
+    gq = CB.lookup(codes, cb, torch.float32)
+    energy = max(output_error(w, hessian), 1e-30)
+    err_rtn = output_error(rtn - w, hessian) / energy
+    err_gptq = output_error(gq - w, hessian) / energy
+    if err_gptq > err_rtn:
+        codes = CB.nearest_codes(w, cb)
+        method = f"nearest (gptq worse, {wq.spec.levels} codebook)"
+    else:
+        method = f"gptq ({wq.spec.levels} codebook{note})"
+    set_weight_codes_(module, codes.long())
     return {
         "method": method,
         "rel_output_error_nearest": err_rtn,

@@ -118,10 +118,19 @@ def _keep_simulated(module: QuantMixin, codes, reason: str) -> tuple[nn.Module, 
     return module, LayerRecord("simulate", reason, "float")
 
 
+# Why the integer kernels cannot run a layer with a weight codebook (recorded per layer in `backend_info`).
+CODEBOOK_REASON = (
+    "non-uniform weight levels ({levels} codebook): the int8 kernels need uniform integer levels; the codebook "
+    "indices run the lookup-table dequantize path"
+)
+
+
 def _weight_lowering_blocker(module: QuantMixin) -> str:
     spec = module.weight_quantizer.spec
     if not spec.enabled:
         return "weight quantization disabled"
+    if module.weight_quantizer.has_codebook:
+        return CODEBOOK_REASON.format(levels=spec.levels)
     if not spec.symmetric:
         return "affine weights (the int8 kernels need weight zero-point 0)"
     if spec.granularity == "per_group":
@@ -135,6 +144,12 @@ def _weight_lowering_blocker(module: QuantMixin) -> str:
 
 def _dequant_fallback(module, codes, reason):
     new = WeightOnlyModule(module, codes)
+    return new, LayerRecord(new.kernel, reason, new.storage)
+
+
+def _lut_fallback(module, codes, reason):
+    # codebook indices, packed two per byte at <= 4 bits, dequantized through the table per call
+    new = WeightOnlyModule(module, codes, pack4=int(module.weight_quantizer.bits) <= 4)
     return new, LayerRecord(new.kernel, reason, new.storage)
 
 
@@ -162,6 +177,8 @@ MIN_INT8_REDUCTION = 32
 
 def _x86_conv(name, module, codes):
     why = _weight_lowering_blocker(module)
+    if module.weight_quantizer.has_codebook and module.weight_quantizer.spec.enabled:
+        return _lut_fallback(module, codes, why)
     if not why and isinstance(module.padding, str):
         why = f"string padding {module.padding!r}"
     if not why and module.padding_mode != "zeros":
@@ -177,6 +194,8 @@ def _x86_conv(name, module, codes):
 
 def _x86_linear(name, module, codes):
     why = _weight_lowering_blocker(module)
+    if module.weight_quantizer.has_codebook and module.weight_quantizer.spec.enabled:
+        return _lut_fallback(module, codes, why)
     if why:
         return _keep_simulated(module, codes, why)
     new = X86Int8Module(module, codes)

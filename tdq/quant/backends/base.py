@@ -197,9 +197,10 @@ def _reversed_padding(padding) -> list[int]:
 def dequantize_rows(
     rows: torch.Tensor, qmod_or_wq, shape: tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor:
-    """`(q - zp) * scale` restored to the weight's shape: the same arithmetic as `fake_quantize` (bit-exact)."""
+    """`(q - zp) * scale` (or the codebook lookup `codebook[row, q]` for non-uniform levels) restored to the weight's
+    shape: the same arithmetic as the weight quantizer's forward (bit-exact)."""
     wq = getattr(qmod_or_wq, "weight_quantizer", qmod_or_wq)
-    out = (rows.to(dtype) - wq.zero_point.to(dtype)) * wq.scale.to(dtype)
+    out = wq.dequantize_codes(rows, dtype)
     return F.restore_from_granularity(out, torch.Size(shape), wq.spec.granularity)
 
 

@@ -7,6 +7,10 @@ Why not `aten._weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`: on the machi
 kernels for LLM decoding, 30-90x slower than FP32 at the M (batch x pixels) of a diffusion denoiser
 (`experiments/results/backends.json`, `kernel_microbench`); dequantize-then-GEMM costs ~1.05x FP32 there.
 Convolutions in weight-only mode hold their codes the same way and are dequantized per call.
+
+Layers with non-uniform levels (`weight.levels` log2/kmeans) hold their codebook indices the same way (unsigned,
+packed two per byte at <= 4 bits) plus the small per-row codebook, and dequantize by a table lookup per call
+(`kernel` `"lut_dequant_int4+float"` / `"lut_dequant_int8+float"`).
 """
 
 from __future__ import annotations
@@ -32,28 +36,31 @@ class WeightOnlyModule(RealQuantModule):
         super().__init__(qmod)
         rows = weight_rows(qmod, codes)
         self.rows_shape = tuple(rows.shape)
-        signed = self.weight_quantizer.spec.symmetric
+        signed = self.weight_quantizer.codes_signed
         self.packed4 = bool(pack4)
+        lut = "lut_" if self.weight_quantizer.has_codebook else ""
         if pack4:
             self.register_buffer("weight_codes", F.pack_int4(rows), persistent=False)
-            self.kernel = "dequant_int4+float"
+            self.kernel = lut + "dequant_int4+float"
         else:
             self.register_buffer(
                 "weight_codes", rows.to(torch.int8 if signed else torch.uint8), persistent=False
             )
-            self.kernel = "dequant_int8+float"
+            self.kernel = lut + "dequant_int8+float"
 
     @property
     def storage(self) -> str:
-        """`"int4_packed"` or `"int8"`."""
-        return "int4_packed" if self.packed4 else "int8"
+        """`"int4_packed"` or `"int8"` (`+codebook` with non-uniform levels)."""
+        return ("int4_packed" if self.packed4 else "int8") + (
+            "+codebook" if self.weight_quantizer.has_codebook else ""
+        )
 
     def codes(self) -> torch.Tensor:
         """The integer codes as `int16` rows."""
         if self.packed4:
             n = self.rows_shape[0] * self.rows_shape[1]
             q = F.unpack_int4(self.weight_codes, n).to(torch.int16)
-            if not self.weight_quantizer.spec.symmetric:
+            if not self.weight_quantizer.codes_signed:
                 q = q & 0xF
             return q.reshape(self.rows_shape)
         return self.weight_codes.to(torch.int16)

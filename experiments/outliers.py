@@ -78,6 +78,7 @@ def _row(name, q, out, ref, warnings, extra=None) -> dict:
         "smoothed": d.smoothed if d else None,
         "fallback": d.fallback if d else None,
         "runtime": {k: v for k, v in runtime_counters(q).items() if k != "clipped"},
+        "cpu": env_info()["cpu"],
     }
     row.update(extra or {})
     return row
@@ -190,14 +191,32 @@ def ddpm_rows(n: int, results: dict, save) -> None:
             "mnist-ddpm",
             base,
             "raw W8A6",
-            dict(activation={"bits": 6, "symmetric": False}, outliers={"handle": False}),
+            dict(
+                activation={"bits": 6, "symmetric": False}, outliers={"handle": False}, boundary_act_bits=None
+            ),
+        ),
+        (
+            "mnist-ddpm",
+            base,
+            "default W8A6 without boundary A8",
+            dict(activation={"bits": 6, "symmetric": False}, boundary_act_bits=None),
+        ),
+        (
+            "mnist-ddpm",
+            base,
+            "default W8A6 + clip search without boundary A8",
+            dict(
+                activation={"bits": 6, "symmetric": False},
+                outliers={"clip_search": True},
+                boundary_act_bits=None,
+            ),
         ),
         ("mnist-ddpm", base, "default W8A6", dict(activation={"bits": 6, "symmetric": False})),
         (
             "mnist-ddpm",
             base,
-            "default W8A6 + clip search",
-            dict(activation={"bits": 6, "symmetric": False}, outliers={"clip_search": True}),
+            "default W8A6 static",
+            dict(activation={"bits": 6, "symmetric": False}, grid={"num_buckets": 1}),
         ),
         ("mnist-ddpm-outlier-channels", outl, "raw W8A8", dict(outliers={"handle": False})),
         ("mnist-ddpm-outlier-channels", outl, "default W8A8", {}),
@@ -236,14 +255,15 @@ def markdown(data: dict) -> str:
     lines = [
         "# Activation outliers: raw per-tensor vs default (outlier handling)",
         "",
-        f"Command: `{data['command']}`. CPU: {data['env']['cpu']} ({data['env']['cpu_capability']}), torch "
-        f"{data['env']['torch']}, diffusers {data['env']['diffusers']}, {data['env']['threads']} thread. "
+        f"Command: `{data['command']}`. CPU of the latest run: {data['env']['cpu']} ({data['env']['cpu_capability']}), "
+        f"torch {data['env']['torch']}, diffusers {data['env']['diffusers']}, {data['env']['threads']} thread; "
+        "each row's own CPU is in the `cpu` column. "
         "PSNR: final samples vs the same model's FP samples (same seeds), mean and bootstrap 95 % CI over images. "
         "Calibration: 32 other seeds. 'static' = 1 bucket; others 10 buckets.",
         "",
         "| row | n | PSNR dB | CI95 | warning fired | layers flagged before handling | smoothed | A16 fallback cells "
-        "| FID-to-FP |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| FID-to-FP | cpu |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     floor = res.get("ddpm/fp_noise_floor", {}).get("fid_judge128_fp_vs_fp_other_seeds")
     for key, r in res.items():
@@ -255,7 +275,7 @@ def markdown(data: dict) -> str:
         lines.append(
             f"| {key} | {r['n']} | {r['psnr']:.2f} | [{r['psnr_ci95'][0]:.2f}, {r['psnr_ci95'][1]:.2f}] | "
             f"{'yes' if r['warning_fired'] else 'no'} | {named or '-'} | {len(r['smoothed'] or [])} | {fb} | "
-            f"{'-' if fid is None else f'{fid:.3g}'} |"
+            f"{'-' if fid is None else f'{fid:.3g}'} | {r.get('cpu', '')} |"
         )
     if floor is not None:
         lines += ["", f"FP-vs-FP noise floor (judge-feature FID, FP samples of other seeds): {floor:.3g}."]
@@ -286,8 +306,9 @@ def markdown(data: dict) -> str:
         "(`outliers.clip_search`, candidates: range ratios, percentiles and KL, chosen per bucket on reconstruction "
         "error) is off by default: it lowers each layer's own error, but on mnist-ddpm W8A6 (64 seeds) the "
         "final-sample PSNR fell from 21.1 to 20.3 dB, and at A8 on the EDM fixture from 40.4 to 34.5 dB (16 seeds, "
-        "probe during development): errors propagate through the sampler. mnist-ddpm W8A6 stays below the 24 dB "
-        "target.",
+        "probe during development): errors propagate through the sampler. Boundary layers (`boundary_act_bits=8`, "
+        "the default since session 5: the layers reading x_t, writing the output, or on the timestep path keep 8-bit "
+        "activations, `tdq.boundary`) are what moves mnist-ddpm W8A6: compare the rows with and without them.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -304,6 +325,8 @@ def main() -> None:
     data = {"rows": {}}
     if OUT_JSON.is_file() and not a.fresh:
         data = json.loads(OUT_JSON.read_text())
+    for r in data["rows"].values():  # rows measured before rows recorded their CPU: the run's CPU then
+        r.setdefault("cpu", data.get("env", {}).get("cpu", ""))
     data["env"] = env_info()
     data["command"] = "python experiments/outliers.py"
     data["seeds"] = {"edm": a.edm_seeds, "ddpm": a.ddpm_seeds, "calibration": "10000..10031"}

@@ -164,3 +164,51 @@ def test_amx_capability_keeps_channels_last_in_a_model(clean_env):
     with torch.no_grad():
         out = model(**inp).sample
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["affine", "symmetric"])
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_fast_fake_quant_is_bit_exact(symmetric, bits):
+    from tdq.quant import functional as F
+    from tdq.quant.backends.weight_only import fast_fake_quant
+
+    qmin, qmax = (int(v) for v in F.qrange(torch.tensor(bits), symmetric))
+    scale, zp = 0.037, (0 if symmetric else (qmax + 1) // 3)
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5) * 3
+    # exact rounding ties (k + 0.5) * scale and values far outside the range
+    x.view(-1)[:64] = (torch.arange(-32, 32) + 0.5) * scale
+    x.view(-1)[64:68] = torch.tensor([1e6, -1e6, 0.0, -0.0])
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+    assert torch.equal(fast_fake_quant(x, scale, zp, qmin, qmax), ref)
+
+
+@pytest.mark.parametrize("pack4", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["affine_act", "symmetric_act"])
+def test_weight_only_fast_path_equals_simulator(pack4, symmetric):
+    from tdq.quant.backends import WeightOnlyModule
+
+    q, ctx = _conv_layer()
+    if symmetric:
+        q.act_quantizer.spec.symmetric = True
+        q.act_quantizer._params = None
+        q.act_quantizer.start_observing()
+        for k in range(2):
+            ctx.set(k)
+            q(torch.randn(2, 16, 8, 8) * (k + 1))
+        q.act_quantizer.finish_observing()
+    if pack4:
+        q.set_bits(weight_bits=4)
+    wo = WeightOnlyModule(q, pack4=pack4)
+    x = torch.randn(3, 16, 8, 8) + 0.3
+    x[0, 0, 0, 0] = float("nan")  # non-finite inputs pass through as in the simulator
+    with torch.no_grad():
+        for k in range(2):
+            ctx.set(k)
+            assert torch.equal(wo(x).nan_to_num(7.0), q(x).nan_to_num(7.0))
+        q.set_bits(act_bits=torch.tensor([4, 16]))  # a lower and a 16-bit bucket
+        for k in range(2):
+            ctx.set(k)
+            assert torch.equal(wo(x).nan_to_num(7.0), q(x).nan_to_num(7.0))
+        ctx.set(None, torch.tensor([1, 0, 1]))  # mixed buckets: per-sample split
+        assert torch.equal(wo(x).nan_to_num(7.0), q(x).nan_to_num(7.0))

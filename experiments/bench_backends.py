@@ -18,6 +18,10 @@ resets the peak (`/proc/self/clear_refs`), runs a short DDIM sampler (3 steps, b
 
     python experiments/bench_backends.py                       # all models, writes results/backends.{json,md}
     python experiments/bench_backends.py --models big-unet --pairs 5
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python experiments/bench_backends.py ...   # AVX2 emulated
+
+Results keep one row set per machine (label: CPU model, best int8 ISA, ISA-limiting environment), so runs on
+different CPUs add to the same files instead of replacing each other.
 """
 
 from __future__ import annotations
@@ -293,16 +297,48 @@ def kernel_microbench() -> dict:
     return out
 
 
+def row_set_label(cap: dict) -> str:
+    """The label of a machine's rows: CPU model, best int8 ISA, and the ISA-limiting environment if set."""
+    isa = cap.get("isa") or ("amx" if cap["amx_int8"] else "avx512_vnni" if cap["avx512_vnni"] else "avx2")
+    label = f"{cap['cpu_model']} ({isa}{'' if cap['amx_int8'] else ', no AMX'})"
+    env = [
+        f"{k}={cap[v]}"
+        for k, v in (
+            ("ATEN_CPU_CAPABILITY", "aten_cpu_capability"),
+            ("ONEDNN_MAX_CPU_ISA", "onednn_max_cpu_isa"),
+        )
+        if cap.get(v)
+    ]
+    return label + (f", emulated with {' '.join(env)}" if env else "")
+
+
 def _md(result: dict) -> str:
-    cap = result["capability"]
     lines = [
         "# Backends: per-call latency and memory vs FP32 eager",
         "",
-        f"CPU: {cap['cpu_model']} ({cap['torch_cpu_capability']}, avx512_vnni={cap['avx512_vnni']}, "
+        "One table per machine (row set); each names its CPU, ISA and the command that produced it. Ratios are per "
+        "interleaved pair with FP32 on the same machine (median, min); the machines were shared with other jobs.",
+        "",
+    ]
+    for label, rs in result["row_sets"].items():
+        lines += _md_row_set(label, rs)
+    return "\n".join(lines)
+
+
+def _md_row_set(label: str, result: dict) -> list[str]:
+    cap = result["capability"]
+    lines = [
+        f"## {label}",
+        "",
+        f"CPU: {cap['cpu_model']} (torch capability {cap['torch_cpu_capability']}, avx512_vnni={cap['avx512_vnni']}, "
         f"amx_int8={cap['amx_int8']}), torch {cap['torch_version']}, {result['threads']} thread, batch "
-        f"{result['batch']}. Shared machine: ratios are per interleaved pair (median, min).",
+        f"{result['batch']}.",
         f"Command: `{result['command']}`",
         "",
+    ]
+    if result.get("notes"):
+        lines += [f"Notes: {result['notes']}", ""]
+    lines += [
         "| model | variant | time ratio median | min | pairs | resident bytes ratio | peak RSS of run ratio | kernels |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -317,6 +353,8 @@ def _md(result: dict) -> str:
             rss_ratio = f"{rss / rss_fp:.2f}" if rss and rss_fp and rss > 0 else ""
             kern = ", ".join(f"{k}: {n}" for k, n in r.get("kernels", {}).items())
             kern = kern or r.get("note", "")
+            if r.get("choices", {}).get("conv_output"):
+                kern += "; conv output " + r["choices"]["conv_output"].split(":")[0]
             bytes_ratio = f"{r['resident_bytes_ratio']:.3f}" if "resident_bytes_ratio" in r else ""
             lines.append(
                 f"| {mname} | {v} | {t.get('ratio_median', 1.0):.2f} | {t.get('ratio_min', 1.0):.2f} | "
@@ -331,7 +369,7 @@ def _md(result: dict) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -350,6 +388,12 @@ def main() -> None:
     ap.add_argument("--rss-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     ap.add_argument("--compile-child", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "backends.json"))
+    ap.add_argument(
+        "--row-set",
+        default="",
+        help="label of this machine's rows (default: CPU model, ISA, ISA-limiting env)",
+    )
+    ap.add_argument("--notes", default="", help="notes stored with this row set (e.g. machine load)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.rss_child:
@@ -360,12 +404,28 @@ def main() -> None:
         return
 
     out_path = Path(args.out)
-    result = json.loads(out_path.read_text()) if out_path.exists() else {}
-    command = "python experiments/bench_backends.py " + " ".join(sys.argv[1:])
+    whole = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if "models" in whole:  # a file from before row sets: one machine's rows at the top level
+        whole = {"row_sets": {row_set_label(whole["capability"]): whole}}
+    whole.setdefault("row_sets", {})
+    cap = get_cpu_capability()
+    label = args.row_set or row_set_label(cap)
+    result = whole["row_sets"].setdefault(label, {})
+    env = " ".join(
+        f"{k}={cap[v]}"
+        for k, v in (
+            ("ATEN_CPU_CAPABILITY", "aten_cpu_capability"),
+            ("ONEDNN_MAX_CPU_ISA", "onednn_max_cpu_isa"),
+        )
+        if cap.get(v)
+    )
+    command = (env + " " if env else "") + "python experiments/bench_backends.py " + " ".join(sys.argv[1:])
     result["commands"] = [c for c in result.get("commands", [result.get("command")]) if c] + [command]
+    if args.notes:
+        result["notes"] = args.notes
     result.update(
         command=" && ".join(result["commands"]),
-        capability=get_cpu_capability(),
+        capability=cap,
         threads=1,
         batch=args.batch,
         kernel_microbench=kernel_microbench(),
@@ -403,6 +463,7 @@ def main() -> None:
                 info = backend_info(var)
                 r["backend"] = info["backend"]
                 r["kernels"] = info["kernels"]
+                r["choices"] = info.get("choices", {})
                 r["fallback_layers"] = {n: rec for n, rec in info["layers"].items() if rec["reason"]}
                 with torch.no_grad():
                     ref = fp(x, t, **kw).sample
@@ -426,8 +487,8 @@ def main() -> None:
         mres["fp32_resident_bytes"] = fp_bytes
         result["models"][mname] = mres
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(result, indent=1) + "\n")
-        out_path.with_suffix(".md").write_text(_md(result))
+        out_path.write_text(json.dumps(whole, indent=1) + "\n")
+        out_path.with_suffix(".md").write_text(_md(whole))
     print(f"wrote {out_path}")
 
 

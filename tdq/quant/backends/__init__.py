@@ -37,6 +37,7 @@ from tdq.quant.backends.cuda import IntMMLinear
 from tdq.quant.backends.report import backend_report, record_call
 from tdq.quant.backends.weight_only import WeightOnlyModule
 from tdq.quant.backends.x86 import X86Int8Module
+from tdq.quant.backends.x86 import conv_output_layout as x86_conv_output_layout
 from tdq.quant.modules import QuantConv2d, QuantLinear, QuantMixin
 from tdq.quant.quantizers import NotCalibratedError
 
@@ -80,6 +81,11 @@ class Backend:
 
     def check(self, model: nn.Module, capability: dict) -> None:
         """Raise `BackendError` if this backend cannot run here."""
+
+    def choose(self, capability: dict) -> dict[str, str]:
+        """Make this backend's capability-dependent kernel choices; returns them (choice -> what and why) for
+        `backend_info(model)["choices"]`."""
+        return {}
 
     def attention_kernel(self, capability: dict) -> tuple[str, str]:
         """`(kernel, reason)` for the matmuls of quantized attention processors (`"simulate"`: float arithmetic)."""
@@ -175,7 +181,7 @@ class SimulateBackend(Backend):
 MIN_INT8_REDUCTION = 32
 
 
-def _x86_conv(name, module, codes):
+def _x86_conv(name, module, codes, keep_channels_last: bool = False):
     why = _weight_lowering_blocker(module)
     if module.weight_quantizer.has_codebook and module.weight_quantizer.spec.enabled:
         return _lut_fallback(module, codes, why)
@@ -188,7 +194,7 @@ def _x86_conv(name, module, codes):
         return _dequant_fallback(module, codes, f"reduction {k} < {MIN_INT8_REDUCTION}: no int8 gain")
     if why:
         return _keep_simulated(module, codes, why)
-    new = X86Int8Module(module, codes)
+    new = X86Int8Module(module, codes, keep_channels_last=keep_channels_last)
     return new, LayerRecord(new.kernel, "", "onednn_packed_int8")
 
 
@@ -208,6 +214,22 @@ class X86Backend(Backend):
 
     name = "x86"
     lowerings = {QuantConv2d: _x86_conv, QuantLinear: _x86_linear}
+    keep_channels_last = False
+
+    def choose(self, capability):
+        self.keep_channels_last, why = x86_conv_output_layout(capability)
+        layout = "channels-last kept" if self.keep_channels_last else "input layout restored"
+        attention, _ = self.attention_kernel(capability)
+        return {
+            "isa": capability.get("isa", ""),
+            "conv_output": f"{layout}: {why}",
+            "attention": attention,
+        }
+
+    def lower(self, name, module, codes):
+        if self.lowering_for(type(module)) is _x86_conv:
+            return _x86_conv(name, module, codes, self.keep_channels_last)
+        return super().lower(name, module, codes)
 
     def check(self, model, capability):
         if not capability["onednn_int8"]:
@@ -370,7 +392,7 @@ def to_backend(
     impl = BACKENDS[name_]()
     impl.check(model, cap)
     codes = codes or {}
-    state = BackendState(name=name_, requested=backend, capability=cap)
+    state = BackendState(name=name_, requested=backend, capability=cap, choices=impl.choose(cap))
     for name, m in layers:
         with torch.no_grad():
             new, rec = impl.lower(name, m, codes.get(name))
@@ -434,7 +456,8 @@ def backend_info(model: nn.Module) -> dict:
     A JSON-safe summary of how a model executes, for reports.
 
     Returns:
-        `dict` with `backend` (`"simulate"` for a model never converted), `requested`, `capability`,
+        `dict` with `backend` (`"simulate"` for a model never converted), `requested`, `capability`, `choices`
+        (the backend's capability-dependent kernel choices and why, e.g. `conv_output`, `attention`),
         `kernels` (kernel -> number of layers; quantized attention processors count as `"attention:<kernel>"`),
         `layers` (name -> `{kernel, reason, storage}`), `attention` (processor name -> the same) and
         `resident_bytes`.
@@ -448,6 +471,7 @@ def backend_info(model: nn.Module) -> dict:
         "backend": state.name,
         "requested": state.requested,
         "capability": state.capability,
+        "choices": dict(state.choices),
         "kernels": dict(
             Counter(
                 [r.kernel for r in state.layers.values()]

@@ -59,6 +59,7 @@ class BackendState:
         layers (`dict[str, LayerRecord]`): per quantized layer.
         attention (`dict[str, LayerRecord]`): per quantized attention processor (`TDQConfig.attention`), the
             kernel of its two matmuls.
+        choices (`dict[str, str]`): the backend's capability-dependent kernel choices and why (`Backend.choose`).
     """
 
     name: str
@@ -66,6 +67,7 @@ class BackendState:
     capability: dict
     layers: dict[str, LayerRecord] = field(default_factory=dict)
     attention: dict[str, LayerRecord] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)
 
 
 def weight_rows(qmod: QuantMixin, codes: torch.Tensor | None = None) -> torch.Tensor:

@@ -154,7 +154,8 @@ def promote_boundary_layers(model: nn.Module, call: tuple | None) -> dict[str, d
     from the calibrated ranges, as `set_bits` does).
 
     Only layers still at their configured bit-width in every bucket are raised: a precision schedule's choice and an
-    explicit per-layer override (`overrides.<layer>.act_bits`) are kept.
+    explicit per-layer override (`overrides.<layer>.act_bits`) are kept. A module whose every layer is a boundary
+    layer (one or two layers) is left as configured.
 
     Args:
         model (`nn.Module`): a quantized denoiser whose activations were just calibrated.
@@ -176,8 +177,18 @@ def promote_boundary_layers(model: nn.Module, call: tuple | None) -> dict[str, d
     except ValueError as e:
         logger.info("%s; boundary layers not raised", e)
         return {}
-    with disabled(model):
-        roles = find_boundary_layers(model, call[0], call[1], layers)
+    ctx = state.context
+    saved = dict(
+        vars(ctx)
+    )  # the probe calls must leave the context (bucket, call counters) as calibration left it
+    try:
+        with disabled(model):
+            roles = find_boundary_layers(model, call[0], call[1], layers)
+    finally:
+        vars(ctx).update(saved)
+    if len(roles) == len(layers):  # e.g. a one- or two-layer module: no interior to protect them from
+        logger.info("every quantized layer is a boundary layer; boundary_act_bits not applied")
+        roles = {}
     out = {}
     for name, role in roles.items():
         q = layers[name].act_quantizer

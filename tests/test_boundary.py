@@ -124,3 +124,12 @@ def test_boundary_layers_hold_mnist_ddpm_w8a6():
         psnr[b] = float(psnr_per_image(sample(q, seeds), ref).mean())
     print("W8A6 PSNR to FP with / without boundary layers at A8:", psnr)  # measured (handling on) 31.8 / 23.3
     assert psnr[8] > psnr[None] + 4.0, psnr
+
+
+def test_a_module_of_boundary_layers_only_keeps_its_bits():
+    """One Linear reads the input and writes the output: raising it would override the whole config."""
+    m = tdq.quantize_static_(torch.nn.Sequential(torch.nn.Linear(8, 8)), TDQConfig(activation={"bits": 4}))
+    with tdq.calibration(m), torch.no_grad():
+        m(torch.randn(16, 8))
+    assert m[0].act_quantizer.bits.tolist() == [4]
+    assert tdq.get_quantization(m).boundary == {}

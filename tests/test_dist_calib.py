@@ -67,6 +67,8 @@ SCRIPT = textwrap.dedent(
         run_experiment(json.loads(sys.argv[1]), sys.argv[2])
     except FileNotFoundError:  # no report stage: run_experiment finds no report.json to return
         pass
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else gloo's threads can abort the process at exit
     """
 )
 

@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent(
         save_file({{"images": res.images, "trajectory": torch.stack(res.trajectory), "features": feats,
                    "timesteps": torch.tensor(res.timesteps)}}, sys.argv[1])
     state.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # else gloo's threads can abort the process at exit (seen once in CI)
     """
 )
 

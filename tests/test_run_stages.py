@@ -145,6 +145,7 @@ SCRIPT = textwrap.dedent(
     if dist.is_main:
         save_file({{"images": res.images, "features": feats}}, sys.argv[1])
     dist.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # else gloo's threads can abort the process at exit
     """
 )
 

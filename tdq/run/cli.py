@@ -60,6 +60,15 @@ def _hydra_run(argv: list[str]) -> None:
     _main()
 
 
+def _close_process_group() -> None:
+    """Leave the process group (under `accelerate launch`) before the interpreter exits: gloo's background threads
+    can otherwise abort the process at shutdown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tdq` console script and `python -m tdq`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -68,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
-        _hydra_run(rest)
+        try:
+            _hydra_run(rest)
+        finally:
+            _close_process_group()
         return 0
     if cmd == "assets":
         from tdq.assets import main as assets_main

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -182,6 +183,60 @@ def _per_output_macs(module: nn.Module) -> int:
     return module.in_features
 
 
+@dataclass
+class _ProfileSetup:
+    """What every sensitivity estimator derives from its arguments (see `_profile_setup`)."""
+
+    adapter: TimestepAdapter | None
+    names: list[str]
+    modules: list[nn.Module]
+    grid: TimestepGrid
+    family: NoiseFamily
+    weight_range: torch.Tensor
+    weight_spec: QuantSpec
+    num_train: int
+    scheduler_config: Any
+
+
+def _profile_setup(
+    denoiser, scheduler, x0, grid, config, layers, family, samples_per_bucket, batch_size
+) -> _ProfileSetup:
+    """Check the profiling inputs (naming the bad one) and resolve layers, grid, noise family and weight ranges."""
+    if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] == 0:
+        raise ValueError("x0 must be a tensor of clean samples with shape [N, ...], N >= 1")
+    if not bool(torch.isfinite(x0).all()):
+        bad = (~torch.isfinite(x0)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"x0 holds NaN/inf in sample(s) {bad[:8]}; the sensitivity of such samples is meaningless"
+        )
+    if layers is not None and (
+        not isinstance(layers, list | tuple) or not all(isinstance(n, str) and n for n in layers)
+    ):
+        raise ValueError(f"layers={layers!r:.80} must be a list of layer names")
+    if int(samples_per_bucket) < 1 or int(batch_size) < 1:
+        raise ValueError("samples_per_bucket and batch_size must be positive integers")
+    config_of = getattr(scheduler, "config", {}) or {}
+    num_train = int(config_of.get("num_train_timesteps", 1000))
+    try:
+        adapter = get_adapter(denoiser, num_train_timesteps=num_train)
+    except TimestepArgumentError:
+        adapter = None
+    selected = _select_layers(denoiser, layers, config)
+    names = [n for n, _ in selected]
+    modules = [m for _, m in selected]
+    grid_obj, family = _resolve_grid_and_family(grid, config, scheduler, num_train, adapter, family)
+    weight_spec = (
+        config.weight if config is not None else QuantSpec(granularity="per_channel", symmetric=True)
+    )
+    specs = [config.layer_specs(n)[0] for n in names] if config is not None else [weight_spec] * len(names)
+    weight_range = torch.tensor(
+        [_weight_range(m.weight, s) for m, s in zip(modules, specs, strict=True)], dtype=torch.float64
+    )
+    return _ProfileSetup(
+        adapter, names, modules, grid_obj, family, weight_range, weight_spec, num_train, config_of
+    )
+
+
 def profile_sensitivity(
     denoiser: nn.Module,
     scheduler: Any,
@@ -257,48 +312,16 @@ def profile_sensitivity(
     Returns:
         `SensitivityProfile`.
     """
-    if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] == 0:
-        raise ValueError("x0 must be a tensor of clean samples with shape [N, ...], N >= 1")
-    if not bool(torch.isfinite(x0).all()):
-        bad = (~torch.isfinite(x0)).flatten(1).any(1).nonzero().flatten().tolist()
-        raise ValueError(
-            f"x0 holds NaN/inf in sample(s) {bad[:8]}; the sensitivity of such samples is meaningless"
-        )
-    if layers is not None and (
-        not isinstance(layers, list | tuple) or not all(isinstance(n, str) and n for n in layers)
-    ):
-        raise ValueError(f"layers={layers!r:.80} must be a list of layer names")
-    if int(samples_per_bucket) < 1 or int(batch_size) < 1:
-        raise ValueError("samples_per_bucket and batch_size must be positive integers")
+    setup = _profile_setup(
+        denoiser, scheduler, x0, grid, config, layers, family, samples_per_bucket, batch_size
+    )
     forward_fn = forward_fn or default_forward_fn
-    config_of = getattr(scheduler, "config", {}) or {}
-    num_train = int(config_of.get("num_train_timesteps", 1000))
-    try:
-        adapter = get_adapter(denoiser, num_train_timesteps=num_train)
-    except TimestepArgumentError:
-        adapter = None
-
-    selected = _select_layers(denoiser, layers, config)
-    names = [n for n, _ in selected]
-    modules = [m for _, m in selected]
-    num_layers = len(selected)
-
-    grid_obj, family = _resolve_grid_and_family(grid, config, scheduler, num_train, adapter, family)
-    num_buckets = grid_obj.num_buckets
-    edges = grid_obj.edges().tolist()
+    adapter, names, modules = setup.adapter, setup.names, setup.modules
+    num_layers, grid_obj, family = len(modules), setup.grid, setup.family
+    num_buckets, edges, weight_range = grid_obj.num_buckets, grid_obj.edges().tolist(), setup.weight_range
+    num_train, config_of, weight_spec = setup.num_train, setup.scheduler_config, setup.weight_spec
     bucket_weights = _occupancy_weights(grid_obj, step_timesteps, adapter)
     empty_buckets: list[int] = []
-
-    weight_spec = (
-        config.weight if config is not None else QuantSpec(granularity="per_channel", symmetric=True)
-    )
-    if config is not None:
-        specs = [config.layer_specs(n)[0] for n in names]
-    else:
-        specs = [weight_spec] * num_layers
-    weight_range = torch.tensor(
-        [_weight_range(m.weight, s) for m, s in zip(modules, specs, strict=True)], dtype=torch.float64
-    )
 
     param = next(denoiser.parameters(), None)
     device = param.device if param is not None else x0.device

@@ -18,17 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdq.adapters import TimestepArgumentError, get_adapter
-from tdq.config import QuantSpec, TDQConfig
+from tdq.config import TDQConfig
 from tdq.grid import TimestepGrid
 from tdq.mixed_precision.families import NoiseFamily
-from tdq.mixed_precision.fisher import (
-    _per_output_macs,
-    _resolve_grid_and_family,
-    _select_layers,
-    _weight_range,
-    default_forward_fn,
-)
+from tdq.mixed_precision.fisher import _per_output_macs, _profile_setup, default_forward_fn
 from tdq.mixed_precision.profile import SensitivityProfile
 
 __all__ = ["hutchinson_trace", "hutchinson_sensitivity"]
@@ -142,34 +135,15 @@ def hutchinson_sensitivity(
         estimate can be negative; those are clamped to 0 (a profile holds no negative value) and counted in
         `meta["negative_entries_clamped"]`.
     """
-    if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] == 0:
-        raise ValueError("x0 must be a tensor of clean samples with shape [N, ...], N >= 1")
-    if not bool(torch.isfinite(x0).all()):
-        raise ValueError("x0 holds NaN/inf; the sensitivity of such samples is meaningless")
-    for name, v in (
-        ("samples_per_bucket", samples_per_bucket),
-        ("batch_size", batch_size),
-        ("probes", probes),
-    ):
-        if int(v) < 1:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
+    if int(probes) < 1:
+        raise ValueError(f"probes={probes!r} must be a positive integer")
+    setup = _profile_setup(
+        denoiser, scheduler, x0, grid, config, layers, family, samples_per_bucket, batch_size
+    )
     forward_fn = forward_fn or default_forward_fn
-    config_of = getattr(scheduler, "config", {}) or {}
-    num_train = int(config_of.get("num_train_timesteps", 1000))
-    try:
-        adapter = get_adapter(denoiser, num_train_timesteps=num_train)
-    except TimestepArgumentError:
-        adapter = None
-    selected = _select_layers(denoiser, layers, config)
-    names = [n for n, _ in selected]
-    modules = [m for _, m in selected]
-    num_layers = len(modules)
-    grid_obj, family = _resolve_grid_and_family(grid, config, scheduler, num_train, adapter, family)
-    num_buckets = grid_obj.num_buckets
-    edges = grid_obj.edges().tolist()
-    spec = config.weight if config is not None else QuantSpec(granularity="per_channel", symmetric=True)
-    specs = [config.layer_specs(n)[0] for n in names] if config is not None else [spec] * num_layers
-    weight_range = torch.tensor([_weight_range(m.weight, s) for m, s in zip(modules, specs, strict=True)])
+    names, modules, grid_obj, family = setup.names, setup.modules, setup.grid, setup.family
+    num_layers, num_buckets, edges = len(modules), grid_obj.num_buckets, grid_obj.edges().tolist()
+    weight_range = setup.weight_range
 
     param = next(denoiser.parameters(), None)
     device = param.device if param is not None else x0.device

@@ -140,6 +140,15 @@ def apply_weight_rounding(
     }
 
 
+def _refit_bias(model, spec: WeightRounding, fp_weights: dict, stats, rep: dict[str, Any]) -> dict[str, Any]:
+    """Refit the bias correction on the relearned weights when `"bias"` is asked (FP-model `stats`, smoothed)."""
+    if "bias" in spec.corrections and stats is not None:
+        mods = dict(iter_quant_layers(model))
+        sstats = {n: smoothed_stats(st, mods[n]) for n, st in stats.items() if n in mods}
+        rep["bias_correction_max_abs"] = fit_bias_correction_(model, sstats, fp_weights)
+    return rep
+
+
 def finish_adaround_(
     model: nn.Module,
     run: Callable[[], object],
@@ -159,11 +168,7 @@ def finish_adaround_(
     rep = reconstruct_(
         model, run, fp_weights, iters=spec.adaround_iters, reg_weight=spec.adaround_reg, seed=seed
     )
-    if "bias" in spec.corrections and stats is not None:
-        mods = dict(iter_quant_layers(model))
-        sstats = {n: smoothed_stats(st, mods[n]) for n, st in stats.items() if n in mods}
-        rep["bias_correction_max_abs"] = fit_bias_correction_(model, sstats, fp_weights)
-    return rep
+    return _refit_bias(model, spec, fp_weights, stats, rep)
 
 
 def finish_brecq_(
@@ -189,11 +194,7 @@ def finish_brecq_(
     t0 = time.perf_counter()
     rep["filled_buckets"] = recalibrate_(model, run, seed=seed)
     rep["seconds_recalibration"] = round(time.perf_counter() - t0, 3)
-    if "bias" in spec.corrections and stats is not None:
-        mods = dict(iter_quant_layers(model))
-        sstats = {n: smoothed_stats(st, mods[n]) for n, st in stats.items() if n in mods}
-        rep["bias_correction_max_abs"] = fit_bias_correction_(model, sstats, fp_weights)
-    return rep
+    return _refit_bias(model, spec, fp_weights, stats, rep)
 
 
 def calibrate_with_rounding(

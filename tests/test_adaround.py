@@ -3,7 +3,6 @@
 import pytest
 import torch
 from test_rounding import _correlated_inputs as _inputs
-from test_rounding import _one_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 
 import tdq
@@ -14,6 +13,8 @@ from tdq.quant.quantizers import TimestepContext
 from tdq.rounding import PairedStats, adaround_layer_, calibrate_with_rounding
 from tdq.rounding.gptq import column_grid, nearest_codes
 from tdq.testing import denoiser_inputs, tiny_unet2d
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("act_bits", [16, 6])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_evaluate import SMALL, one_thread  # noqa: F401  (fixture)
+from test_evaluate import SMALL
 from torch import nn
 
 import tdq
 from tdq.run import quantizers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fp_linear_share() -> tuple[float, list[str]]:

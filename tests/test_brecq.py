@@ -19,15 +19,9 @@ from tdq.rounding import (
 from tdq.rounding.gptq import column_grid, nearest_codes, weight_matrix
 from tdq.testing import denoiser_inputs, output_tensor, tiny_unet2d
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BLOCK = "down_blocks.1.resnets.0"  # a ResnetBlock2D of the tiny UNet (conv1, time_emb_proj, conv2, shortcut)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(model, ts=(950.0, 700.0, 400.0, 10.0), batch=2):

@@ -18,15 +18,9 @@ from tdq.serialization import STATE_FILE, SavedQuantizationError, load_quantizat
 from tdq.testing import denoiser_inputs, output_tensor, tiny_unet2d
 from tdq.utils.io import sha256_file
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K = 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _weights(kind: str, out: int = 32, cols: int = 256) -> torch.Tensor:

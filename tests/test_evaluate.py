@@ -16,6 +16,8 @@ from tdq.run import quantizers
 from tdq.run.config import ScheduleConfig
 from tdq.run.job import run_experiment
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A tiny random UNet, few seeds and steps, no feature networks: each run takes about a second.
 SMALL = {
     "model": {"name": "tiny-random", "source": "random", "sample_size": 16},
@@ -35,14 +37,6 @@ SMALL = {
     "progress": False,
     "threads": 1,
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _paired(report):

@@ -14,15 +14,9 @@ from tdq.qat.lora import check_no_lora
 from tdq.quant.backends import get_cpu_capability
 from tdq.testing import tiny_unet2d
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 5  # sampler steps of the tiny model's calibration and x0 samples
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _scheduler():

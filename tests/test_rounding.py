@@ -19,14 +19,7 @@ from tdq.rounding import (
 from tdq.serialization import load_quantization, save_quantization
 from tdq.testing import denoiser_inputs, output_tensor, tiny_unet2d
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two-thread OpenMP is many times slower on a machine shared with other jobs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

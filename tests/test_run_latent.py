@@ -12,6 +12,8 @@ import torch
 from tdq.run.models import ModelConfig, load_model
 from tdq.sampling import ConditionedForward, LatentDiffusionSampler, make_sampler
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 TINY = [
@@ -71,14 +73,6 @@ def test_tdq_run_mnist_dit(tmp_path):
     report = _run(tmp_path, "mnist-dit")
     assert report["conditioning"]["kind"] == "class"
     assert "clip_score" not in report["conditioning"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_t2i_sampler_matches_stable_diffusion_pipeline():

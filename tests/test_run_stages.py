@@ -39,14 +39,6 @@ SMALL = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_stage_and_report_section_extension_points(tmp_path, monkeypatch, one_thread):
     from tdq.run import report as report_mod
     from tdq.run import stages

@@ -18,20 +18,14 @@ from tdq.eval import data as data_eval
 from tdq.run.models import ModelConfig, load_model
 from tdq.sampling import make_sampler
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "tdq" / "configs" / "model"
 
 
 @pytest.fixture(scope="module")
 def judge():
     return data_eval.load_domain_judge("mnist-test")[0]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _judged(name: str, judge, seeds: list[int], steps: int = 10) -> tuple[dict, list[int] | None]:

@@ -62,7 +62,7 @@ from tdq.rounding.corrections import (
     install_output_correction,
     remove_bias_correction,
 )
-from tdq.utils.io import atomic_copy, atomic_write, read_json_object, sha256_file
+from tdq.utils.io import atomic_copy, atomic_write, read_json_object, remove_temporaries, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -469,10 +469,11 @@ def save_quantization(
     sidecar["state_file"] = STATE_FILE
     write_sidecar()
     # this save's staged file, and what failed or killed saves left (never read: the sidecar names neither)
-    stale = [*directory.glob("tdq_state.*.safetensors"), *directory.glob(".tdq_state*.tmp")]
-    for path in [*stale, *directory.glob(f".{CONFIG_FILE}.*.tmp")]:
+    for path in directory.glob("tdq_state.*.safetensors"):
         if path.name != STATE_FILE:
             path.unlink(missing_ok=True)
+    remove_temporaries(directory, ".tdq_state*.tmp")
+    remove_temporaries(directory, f".{CONFIG_FILE}.*.tmp")
     return directory
 
 

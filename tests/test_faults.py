@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +211,35 @@ def test_two_processes_fetching_one_asset_download_it_once_and_readers_never_see
         assert verify(["test_asset"], cache_dir=root) == {"test_asset": None}
         assert not bad.exists(), bad.read_text()
     assert sorted(p.name for p in root.iterdir()) == [".lock", "test_asset.bin"]
+
+
+def _write_then_die(path):
+    from safetensors.torch import save_file
+
+    from tdq.utils.io import atomic_write
+
+    def write(tmp):
+        save_file({"x": torch.zeros(4)}, tmp)  # safetensors stages `.tmpXXXXXX` beside `tmp`, then renames it
+        (Path(tmp).parent / ".tmpWriterOwn").write_bytes(
+            b"half"
+        )  # a writer's own temporary, as a kill leaves it
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    atomic_write(path, write)
+
+
+def test_killed_atomic_write_leaves_only_removable_temporaries(tmp_path):
+    """A writer killed inside `atomic_write` leaves its temporaries (its own and those safetensors stages beside the
+    path it writes) only inside one `.<name>.*.tmp` folder, which `remove_temporaries` clears."""
+    from tdq.utils.io import remove_temporaries
+
+    (tmp_path / "keep.txt").write_text("kept")
+    proc = CTX.Process(target=_write_then_die, args=(tmp_path / "state.safetensors",))
+    proc.start()
+    proc.join(20)
+    assert proc.exitcode == -signal.SIGKILL
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and left[1] == "keep.txt" and left[0].startswith(".state.safetensors.")
+    assert left[0].endswith(".tmp") and (tmp_path / left[0]).is_dir()
+    remove_temporaries(tmp_path, ".state.safetensors.*.tmp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

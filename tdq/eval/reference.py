@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tdq.sampling import DiffusionSampler, SampleResult
-from tdq.utils.io import atomic_write_bytes, file_lock, json_safe, sha256_bytes
+from tdq.utils.io import atomic_write_bytes, file_lock, json_safe, remove_temporaries, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -376,8 +376,7 @@ class ReferenceCache:
             }
             self._write_manifest(spec, files)
             # temporaries of writers killed mid-write (no writer holds the lock now): never read, removed
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
+            remove_temporaries(folder)
         return path
 
     def _discard(self, folder: Path, name: str | None, reason: str, locked: bool = False) -> None:

@@ -46,7 +46,7 @@ from tdq.serialization import (
     load_quantization,
     save_quantization,
 )
-from tdq.utils.io import atomic_write
+from tdq.utils.io import atomic_write, remove_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -552,5 +552,4 @@ class TDQPipeline(StableDiffusionPipeline):
         index = {"schema_version": INDEX_SCHEMA_VERSION, "components": entries}
         text = json.dumps(index, indent=2) + "\n"
         atomic_write(index_path, lambda tmp: Path(tmp).write_text(text))
-        for tmp in index_path.parent.glob(f".{INDEX_FILE}.*.tmp"):  # left by killed saves; never read
-            tmp.unlink(missing_ok=True)
+        remove_temporaries(index_path.parent, f".{INDEX_FILE}.*.tmp")  # left by killed saves; never read

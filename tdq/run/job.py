@@ -17,6 +17,7 @@ from tdq.run import quantizers, stages
 from tdq.run.config import CalibrationConfig, EvalConfig, RunConfig, ScheduleConfig, to_run_config
 from tdq.run.context import RunContext
 from tdq.run.report import write_config
+from tdq.utils.io import remove_temporaries
 
 __all__ = ["CalibrationConfig", "EvalConfig", "RunConfig", "ScheduleConfig", "run_experiment"]
 
@@ -44,8 +45,7 @@ def _remove_outputs(run_dir: Path) -> None:
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
     for name in RUN_FILES:
-        for tmp in run_dir.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        remove_temporaries(run_dir, f".{name}.*.tmp")
 
 
 def run_experiment(cfg: RunConfig | Any, run_dir: str | Path, quantizer: Any = None) -> dict[str, Any]:

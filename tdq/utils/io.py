@@ -28,6 +28,7 @@ __all__ = [
     "file_lock",
     "json_safe",
     "read_json_object",
+    "remove_temporaries",
     "sha256_bytes",
     "sha256_file",
 ]
@@ -59,6 +60,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mode: 
     """
     Write `path` through a temporary file in the same directory, then rename, so readers never see half a file.
 
+    The temporary file lies in a private temporary directory (`.<name>.<random>.tmp/`), so that writers which
+    stage their own temporaries beside the path they are given (safetensors' `save_file` writes `.tmpXXXXXX` and
+    renames it) leave nothing outside it when killed; `remove_temporaries` clears what killed writes left.
+
     Args:
         path (`str` or `os.PathLike`): the destination; its parent directory is created.
         write (`Callable[[str], Any]`): writes the content to the temporary path it is given.
@@ -66,8 +71,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mode: 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{uuid.uuid4().hex[:8]}.", suffix=".tmp")
-    os.close(fd)
+    tmp_dir = Path(
+        tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{uuid.uuid4().hex[:8]}.", suffix=".tmp")
+    )
+    tmp = str(tmp_dir / path.name)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -76,8 +83,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, mode: 
             os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def remove_temporaries(directory: str | os.PathLike, pattern: str = ".*.tmp") -> None:
+    """
+    Remove the temporaries (files or directories) that killed `atomic_write`s left in `directory`. Call it only
+    where no writer can be running (under the folder's lock, or right after this process's own write).
+
+    Args:
+        directory (`str` or `os.PathLike`): the folder.
+        pattern (`str`, *optional*, defaults to `".*.tmp"`): glob of the temporaries' names.
+    """
+    for tmp in Path(directory).glob(pattern):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

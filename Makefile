@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tdq-installed
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install assets demo test lint format bench baselines
@@ -43,7 +44,8 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 test: install assets lint
-	$(PY) -m pytest -q --durations=15
+	# one worker per core (2 on the build machines); a test file's tests stay on one worker (module fixtures run once)
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(PY) experiments/bench_hook_overhead.py

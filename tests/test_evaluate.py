@@ -15,28 +15,14 @@ from tdq.errors import ConfigError
 from tdq.run import quantizers
 from tdq.run.config import ScheduleConfig
 from tdq.run.job import run_experiment
+from tdq.testing.runs import tiny_random_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A tiny random UNet, few seeds and steps, no feature networks: each run takes about a second.
-SMALL = {
-    "model": {"name": "tiny-random", "source": "random", "sample_size": 16},
-    "quant": {"grid": {"num_buckets": 3}},
-    "schedule": {"planner": "none"},
-    "calibration": {"num_samples": 2, "num_inference_steps": 3, "batch_size": 2},
-    "eval": {
-        "num_samples": 3,
-        "num_inference_steps": 3,
-        "batch_size": 3,
-        "feature": "none",
-        "lpips_nets": [],
-        "noise_floor": False,
-        "cache": False,
-        "dataset": "none",
-    },
-    "progress": False,
-    "threads": 1,
-}
+SMALL = tiny_random_run(
+    calibration={"num_inference_steps": 3}, eval={"num_samples": 3, "num_inference_steps": 3, "batch_size": 3}
+)
 
 
 def _paired(report):

@@ -67,6 +67,8 @@ def _child(target, args, result_file: Path):
     is recorded as {"interrupted": true}."""
     torch.set_num_threads(1)
     logging_off()
+    # a process started in the background by a non-interactive shell inherits SIGINT ignored; Ctrl-C must interrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         try:
             out = target(*args)

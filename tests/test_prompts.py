@@ -15,6 +15,7 @@ from tdq.run.job import run_experiment
 from tdq.run.models import ModelConfig, load_model
 from tdq.sampling.conditioning import Conditioning, model_conditioning
 from tdq.sampling.prompts import PromptFileError, load_prompts
+from tdq.testing.runs import TINY_RUN
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -117,22 +118,7 @@ def test_class_model_prompt_file_lists_class_names(tmp_path):
         )
 
 
-TINY = [
-    "eval.num_samples=4",
-    "eval.num_inference_steps=4",
-    "eval.batch_size=4",
-    "eval.feature=none",
-    "eval.lpips_nets=[]",
-    "eval.noise_floor=false",
-    "eval.cache=false",
-    "calibration.num_samples=2",
-    "calibration.num_inference_steps=4",
-    "calibration.batch_size=2",
-    "schedule.planner=none",
-    "quant.grid.num_buckets=3",
-    "progress=false",
-    "threads=1",
-]
+TINY = [*TINY_RUN, "schedule.planner=none"]
 
 
 def test_pixel_model_refuses_a_prompt_file(tmp_path):

@@ -11,29 +11,13 @@ import torch
 
 from tdq.run.models import ModelConfig, load_model
 from tdq.sampling import ConditionedForward, LatentDiffusionSampler, make_sampler
+from tdq.testing.runs import TINY_RUN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-TINY = [
-    "eval.num_samples=4",
-    "eval.num_inference_steps=4",
-    "eval.batch_size=4",
-    "eval.feature=none",
-    "eval.lpips_nets=[]",
-    "eval.noise_floor=false",
-    "eval.cache=false",
-    "calibration.num_samples=2",
-    "calibration.num_inference_steps=4",
-    "calibration.batch_size=2",
-    "schedule.samples_per_bucket=2",
-    "schedule.batch_size=2",
-    "quant.grid.num_buckets=3",
-    "progress=false",
-    # one thread: two-thread OpenMP is many times slower on a build machine shared with other jobs
-    "threads=1",
-]
+TINY = [*TINY_RUN, "schedule.samples_per_bucket=2", "schedule.batch_size=2"]
 
 
 def _run(tmp_path, model: str) -> dict:

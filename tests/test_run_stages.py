@@ -14,29 +14,13 @@ from safetensors.torch import load_file
 
 from tdq.eval.distributed import Distributed, get_distributed
 from tdq.eval.metrics import extract_features
+from tdq.testing.runs import tiny_random_run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
 from test_distributed import SEEDS, _free_port, make_feature, make_sampler  # noqa: E402
 
-SMALL = {
-    "model": {"name": "tiny-random", "source": "random", "sample_size": 16},
-    "quant": {"grid": {"num_buckets": 3}},
-    "schedule": {"planner": "uniform", "samples_per_bucket": 2, "batch_size": 2},
-    "calibration": {"num_samples": 2, "num_inference_steps": 4, "batch_size": 2},
-    "eval": {
-        "num_samples": 4,
-        "num_inference_steps": 4,
-        "batch_size": 4,
-        "feature": "none",
-        "lpips_nets": [],
-        "noise_floor": False,
-        "cache": False,
-        "dataset": "none",
-    },
-    "progress": False,
-    "threads": 1,
-}
+SMALL = tiny_random_run(schedule={"planner": "uniform", "samples_per_bucket": 2, "batch_size": 2})
 
 
 def test_stage_and_report_section_extension_points(tmp_path, monkeypatch, one_thread):

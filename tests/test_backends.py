@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 
 import pytest
 import torch
+from _layer_match import assert_layers_match
+from _layer_match import close as _close
 from torch import nn
 
 import tdq
@@ -46,11 +47,6 @@ def _layer(float_mod: nn.Module, act_symmetric: bool = False, in_shape=(4, 16), 
         q(torch.randn(*in_shape) * 0.5 * (k + 1) + 0.3)
     q.act_quantizer.finish_observing()
     return q, ctx
-
-
-def _close(out, ref):
-    # accumulation order only: int32 sums are exact, the float epilogue rounds differently
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 CONVS = {
@@ -209,61 +205,6 @@ def _calibrated_unet(saved, bits: int = 8):
     return load_quantization(_skeleton(), saved[bits])
 
 
-def _assert_layers_match(real: nn.Module, sim: nn.Module, inputs: dict) -> None:
-    """
-    Every converted layer of `real`, run inside the model, equals the simulated layer of `sim` fed the same input.
-
-    Whole-model outputs cannot be compared at the accumulation-order tolerance: a 1e-6 difference in one layer's input
-    can move one activation code across a rounding boundary, and that one-LSB step cascades. On the random tiny UNet
-    the correct backend differs from the simulator by up to 1.8 % (relative L2, t=480, AMX Xeon) while a zero point off
-    by one differs by 2.1 %, so a whole-output bound cannot tell them apart. Feeding each simulated layer the input that
-    its real twin saw removes the cascade and leaves the kernel's own difference.
-    """
-    names = set(backend_info(real)["layers"])
-    seen = defaultdict(list)
-    hooks = [
-        m.register_forward_hook(
-            lambda m, a, o, n=n: seen[n].append((a[0].detach().clone(), o.detach().clone()))
-        )
-        for n, m in real.named_modules()
-        if n in names
-    ]
-    try:
-        with torch.no_grad():
-            output_tensor(real(**inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-    assert set(seen) == names  # every converted layer ran
-
-    used = defaultdict(int)
-
-    def feed(m, args, n):
-        return (seen[n][used[n]][0], *args[1:])
-
-    def check(m, args, out, n):
-        try:
-            _close(seen[n][used[n]][1], out)
-        except AssertionError as e:
-            raise AssertionError(
-                f"layer {n!r} (call {used[n]}): real kernel != simulator on the same input"
-            ) from e
-        used[n] += 1
-
-    sim_mods = dict(sim.named_modules())
-    hooks = []
-    for n in names:
-        hooks.append(sim_mods[n].register_forward_pre_hook(lambda m, a, n=n: feed(m, a, n)))
-        hooks.append(sim_mods[n].register_forward_hook(lambda m, a, o, n=n: check(m, a, o, n)))
-    try:
-        with torch.no_grad():
-            output_tensor(sim(**inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-    assert {n: used[n] for n in names} == {n: len(v) for n, v in seen.items()}
-
-
 @needs_x86
 def test_auto_selection_is_recorded_and_layers_listed(saved_tiny):
     model = _calibrated_unet(saved_tiny)
@@ -279,7 +220,7 @@ def test_auto_selection_is_recorded_and_layers_listed(saved_tiny):
     assert set(info["layers"]) == {n for n, _ in tdq.iter_quant_layers(model)}
     assert info["kernels"]["onednn.qconv2d_pointwise"] > 0 and info["kernels"]["onednn.qlinear_pointwise"] > 0
     assert "no int8 gain" in info["layers"]["conv_in"]["reason"]  # 3-channel input conv stays on int8 storage
-    _assert_layers_match(model, sim, inp)
+    assert_layers_match(model, sim, inp)
     with torch.no_grad():  # the simulated copy is untouched by the conversion
         assert torch.equal(output_tensor(sim(**inp)), ref)
     with pytest.raises(BackendError, match="already converted"):
@@ -368,7 +309,7 @@ def test_save_load_with_backend_roundtrip(tmp_path, saved_tiny, backend):
     assert backend_info(loaded)["backend"] == backend
     with torch.no_grad():
         out = output_tensor(loaded(**inp))
-    _assert_layers_match(loaded, model, inp)
+    assert_layers_match(loaded, model, inp)
     # a converted model saves the same codes: save -> load(backend) -> identical outputs
     save_quantization(loaded, tmp_path / "real")
     again = load_quantization(_skeleton(7), tmp_path / "real", backend=backend)

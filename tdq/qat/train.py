@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,10 @@ from tdq.errors import ConfigError
 from tdq.qat.lora import attach_lora
 from tdq.qat.lsq import LSQState
 from tdq.qat_config import QATConfig
+from tdq.utils.io import atomic_write, read_json_object, remove_temporaries, sha256_file
 
+#: The checkpoint sidecar in `QATConfig.checkpoint_dir`; it names the tensors file of the same step.
+CHECKPOINT_FILE = "qat_state.json"
 # Config fields that may differ between a checkpoint and the run resuming from it.
 RESUMABLE_FIELDS = ("enabled", "steps", "checkpoint_dir", "checkpoint_every")
 
@@ -146,21 +148,37 @@ def _save_checkpoint(
         "layers": sorted(state.layers),
         "losses": losses,
     }
-    tmp = directory / "qat_state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / "qat_state.safetensors")
-    tmpj = directory / "qat_state.json.tmp"
-    tmpj.write_text(json.dumps(meta, indent=1))
-    os.replace(tmpj, directory / "qat_state.json")
+    # The pair is committed by the JSON: the tensors go to a file named by the step, then the JSON (which names that
+    # file and its sha256) replaces the old one; a kill at any point leaves a JSON whose tensors exist and match.
+    state_file = f"qat_state.{step:08d}.safetensors"
+    atomic_write(directory / state_file, lambda p: save_file(tensors, p))
+    meta["state_file"] = state_file
+    meta["state_sha256"] = sha256_file(directory / state_file)
+    atomic_write(directory / CHECKPOINT_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    for old in directory.glob(
+        "qat_state.*.safetensors"
+    ):  # earlier steps' tensors: no longer named by the JSON
+        if old.name != state_file:
+            old.unlink(missing_ok=True)
+    remove_temporaries(directory, ".qat_state*.tmp")
 
 
 def _load_checkpoint(directory: Path, state: LSQState, opt, config: QATConfig) -> tuple[int, list]:
     from safetensors.torch import load_file
 
-    meta_file = directory / "qat_state.json"
+    meta_file = directory / CHECKPOINT_FILE
     if not meta_file.exists():
         return 0, []
-    meta = json.loads(meta_file.read_text())
+    meta = read_json_object(meta_file, what="QAT checkpoint")
+    for key in ("step", "config", "param_groups", "layers", "losses", "state_file", "state_sha256"):
+        if key not in meta:
+            raise ValueError(f"{meta_file}: QAT checkpoint has no {key!r}; delete {directory} to start over")
+    state_path = directory / Path(str(meta["state_file"])).name
+    if not state_path.is_file() or sha256_file(state_path) != meta["state_sha256"]:
+        raise ValueError(
+            f"{meta_file}: its tensors {state_path.name} are missing or do not match the recorded sha256; delete "
+            f"{directory} to start over"
+        )
     want = _config_key(config)
     for k, v in want.items():
         if meta["config"].get(k) != v:
@@ -170,7 +188,7 @@ def _load_checkpoint(directory: Path, state: LSQState, opt, config: QATConfig) -
             )
     if meta["layers"] != sorted(state.layers):
         raise ValueError(f"{meta_file}: the checkpoint's quantized layers differ from the model's")
-    tensors = load_file(str(directory / "qat_state.safetensors"))
+    tensors = load_file(str(state_path))
     with torch.no_grad():
         for k, p in state.named_tensors().items():
             p.copy_(tensors[f"state.{k}"].to(p.device, p.dtype))

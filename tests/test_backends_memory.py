@@ -117,29 +117,36 @@ def test_simulator_output_unchanged_vs_reference_quantizer(monkeypatch):
     assert torch.equal(fast.nan_to_num(0.0), ref.nan_to_num(0.0))
 
 
-def _held_tensors(obj, seen_obj, seen_storage, depth=0):
-    """Bytes of every tensor reachable from `obj` through modules, attributes, tuples, lists and dicts."""
-    if id(obj) in seen_obj or depth > 6:
-        return 0
-    seen_obj.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        if obj.is_mkldnn or obj.is_meta:
-            return obj.numel() * obj.element_size() if obj.is_mkldnn else 0
-        st = obj.untyped_storage()
-        key = st.data_ptr() or id(st)
-        if key in seen_storage:
+def _held_bytes(model) -> int:
+    """Bytes of every tensor reachable from `model`'s modules through attributes, tuples, lists and dicts (storages
+    counted once; oneDNN's opaque packed weights as numel x element size)."""
+    seen_obj, seen_storage = set(), set()
+
+    def walk(obj, depth):
+        if id(obj) in seen_obj or depth > 8:
             return 0
-        seen_storage.add(key)
-        return st.nbytes()
-    if isinstance(obj, dict):
-        items = list(obj.values())
-    elif isinstance(obj, (list, tuple, set)):
-        items = list(obj)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        items = list(vars(obj).values())
-    else:
-        return 0
-    return sum(_held_tensors(v, seen_obj, seen_storage, depth + 1) for v in items)
+        seen_obj.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.is_mkldnn or obj.is_meta:
+                return obj.numel() * obj.element_size() if obj.is_mkldnn else 0
+            st = obj.untyped_storage()
+            key = st.data_ptr() or id(st)
+            if key in seen_storage:
+                return 0
+            seen_storage.add(key)
+            return st.nbytes()
+        if isinstance(obj, dict):
+            items = list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            items = list(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            items = list(vars(obj).values())
+        else:
+            return 0
+        return sum(walk(v, depth + 1) for v in items)
+
+    # every module from the top (nesting depth does not count), then what each one holds
+    return sum(walk(m, 0) for m in model.modules())
 
 
 @needs_x86
@@ -154,6 +161,6 @@ def test_converted_model_holds_no_float_weight_copies():
         model(**denoiser_inputs(model, t=300.0))
     # parameters, buffers and anything else the model's modules, quantizers, hook and records hold: no float weight,
     # fake-quant cache, observer or calibration statistics survive conversion
-    held = _held_tensors(model, set(), set())
+    held = _held_bytes(model)
     assert resident_bytes(model) <= 0.27 * fp_bytes
     assert held <= 0.27 * fp_bytes, f"converted model holds {held / fp_bytes:.3f}x the FP32 bytes"

@@ -6,6 +6,8 @@ Conventions: symmetric quantization uses signed narrow-range codes `[-(2^(b-1) -
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 # Smallest scale handed out: keeps zero-range tensors finite (x / scale never divides by zero).
@@ -124,6 +126,77 @@ def fake_quantize(
     else:
         q = torch.clamp(q, qmin, qmax)
     return ((q - zero_point) * scale).to(x.dtype)
+
+
+# `torch.quantize_per_tensor` warns that the QTensor dtypes are deprecated; tdq only uses it as a fused, vectorised
+# quantizer (`fake_quantize_per_tensor`) and falls back to PyTorch's fused fake quantizer when it is gone.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated", category=UserWarning)
+HAS_QTENSOR = hasattr(torch, "quantize_per_tensor") and hasattr(torch, "quint8")
+
+# Largest |x / scale| the vectorised quantizer takes: beyond 2^31 its float->int32 conversion wraps (a huge positive
+# input became code 0 instead of qmax); such inputs take PyTorch's fused fake quantizer, which clamps them.
+_FAST_CODE_LIMIT = 2.0**30
+
+
+def fake_quantize_per_tensor(
+    x: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    qmin: int,
+    qmax: int,
+    keep_nonfinite: bool = False,
+) -> torch.Tensor:
+    r"""
+    Per-tensor fake quantization with one static scale: `(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale`,
+    bit for bit `torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)` on finite inputs.
+
+    A float32 CPU tensor without autograd takes one fused path (~20x faster than the fused fake quantizer on the
+    machines measured): one `aminmax` pass that checks the input is finite and small enough for the vectorised
+    quantizer, PyTorch's `quantize_per_tensor` (the same `round(x * (1 / scale)) + zp` codes, round half to even),
+    the codes clamped to `[qmin, qmax]` in place, and `dequantize` (`(q - zp) * scale`). Everything else (other
+    dtypes or devices, autograd, non-finite or huge inputs, ranges beyond 8 bits) runs
+    `torch.fake_quantize_per_tensor_affine`.
+
+    Args:
+        x (`torch.Tensor`): input.
+        scale (`float`): positive finite scale.
+        zero_point (`int`): zero-point, in `[qmin, qmax]`.
+        qmin (`int`): smallest code.
+        qmax (`int`): largest code.
+        keep_nonfinite (`bool`, *optional*, defaults to `False`): return NaN/inf elements of `x` unchanged (the
+            simulator's rule: a quantizer neither creates non-finite values nor hides upstream ones). `False`
+            gives them what `torch.fake_quantize_per_tensor_affine` gives them (finite codes).
+
+    Returns:
+        `torch.Tensor` of `x`'s shape and dtype.
+    """
+    if (
+        HAS_QTENSOR
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.numel() > 0
+        and not (x.requires_grad and torch.is_grad_enabled())
+    ):
+        if 0 <= qmin and qmax <= 255:
+            dtype, lo, hi = torch.quint8, 0, 255
+        elif -128 <= qmin and qmax <= 127:
+            dtype, lo, hi = torch.qint8, -128, 127
+        else:
+            dtype = None
+        if dtype is not None and lo <= zero_point <= hi:
+            mn, mx = (float(v) for v in torch.aminmax(x))
+            # NaN fails both comparisons, +-inf the second: those inputs take the reference path below
+            if mn == mn and mx == mx and max(-mn, mx) * (1.0 / scale) < _FAST_CODE_LIMIT:
+                qx = torch.quantize_per_tensor(x, scale, zero_point, dtype)
+                if qmin > lo or qmax < hi:
+                    codes = torch.empty(0, dtype=torch.uint8 if dtype == torch.quint8 else torch.int8)
+                    codes.set_(qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride())
+                    codes.clamp_(qmin, qmax)  # shares the QTensor's storage
+                return qx.dequantize()
+    out = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    if keep_nonfinite:
+        return torch.where(torch.isfinite(x), out, x)
+    return out
 
 
 def reshape_for_granularity(w: torch.Tensor, granularity: str, group_size: int = 64) -> torch.Tensor:

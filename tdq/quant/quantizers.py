@@ -292,6 +292,11 @@ def _mse_rows(rows, mn, mx, bits, symmetric, num_candidates: int = 40):
     return best_mn, best_mx
 
 
+def _keep_nonfinite(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out`, with the NaN/inf elements of `x` passed through unchanged (`out` itself if it is `x`)."""
+    return out if out is x else torch.where(torch.isfinite(x), out, x)
+
+
 class TimestepActQuantizer(nn.Module):
     r"""
     Per-tensor activation quantizer with one scale, zero-point and bit-width per timestep bucket.
@@ -498,17 +503,14 @@ class TimestepActQuantizer(nn.Module):
             )
         if ctx.check_finite:
             _check_finite(x, self.layer_name, "at run time", ctx.bucket)
-        out = self._fake_quantize(x, ctx)
-        if out is x:
-            return x
-        # The quantizer creates no NaN/inf (scales are finite and positive), and it does not hide upstream ones
-        # either: non-finite inputs pass through unchanged, as they would in floating point.
-        return torch.where(torch.isfinite(x), out, x)
+        return self._fake_quantize(x, ctx)
 
     def _fake_quantize(self, x: torch.Tensor, ctx: TimestepContext) -> torch.Tensor:
+        # The quantizer creates no NaN/inf (scales are finite and positive), and it does not hide upstream ones
+        # either: non-finite inputs pass through unchanged, as they would in floating point (`_keep_nonfinite`).
         stochastic = self.spec.rounding == "stochastic" and self.training
         if self.spec.granularity == "per_token":
-            return self._dynamic_per_token(x, ctx, stochastic)
+            return _keep_nonfinite(x, self._dynamic_per_token(x, ctx, stochastic))
         self._calls += 1
         if ctx.bucket is not None and self._calls % self.check_every == 0:
             self._check_range(x, ctx.bucket)
@@ -517,9 +519,11 @@ class TimestepActQuantizer(nn.Module):
             if qmax >= 2**15 - 1:  # 16-bit: numerically the identity at activation ranges
                 return x
             if x.dtype == torch.float32 and not stochastic:
-                # PyTorch's fused kernel: same result as `F.fake_quantize` (tested), one pass instead of seven.
-                return torch.fake_quantize_per_tensor_affine(x, scale_f, zp_i, qmin, qmax)
-            return F.fake_quantize(x, scale.to(x.dtype), zp.to(x.dtype), qmin, qmax, stochastic)
+                # bit for bit PyTorch's fused kernel, the same result as `F.fake_quantize` (tested)
+                return F.fake_quantize_per_tensor(x, scale_f, zp_i, qmin, qmax, keep_nonfinite=True)
+            return _keep_nonfinite(
+                x, F.fake_quantize(x, scale.to(x.dtype), zp.to(x.dtype), qmin, qmax, stochastic)
+            )
         b = self._expand_buckets(ctx.buckets, x)
         shape = (-1,) + (1,) * (x.dim() - 1)
         qmin, qmax = F.qrange(self.bits[b], self.spec.symmetric)
@@ -532,6 +536,7 @@ class TimestepActQuantizer(nn.Module):
             stochastic,
         )
         floating = self.bits[b] >= 16  # 16-bit buckets keep the input in float, as in the one-bucket path
+        out = _keep_nonfinite(x, out)
         return torch.where(floating.view(shape), x, out) if bool(floating.any()) else out
 
     @torch.no_grad()

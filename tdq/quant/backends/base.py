@@ -241,10 +241,12 @@ def split_by_bucket(module: RealQuantModule, x: torch.Tensor, fn) -> torch.Tenso
 
 
 def fake_quant_bucket(module: RealQuantModule, x: torch.Tensor, k: int) -> torch.Tensor:
-    """The simulator's activation fake-quantization of `x` with bucket `k`'s parameters (any bit-width)."""
+    """The simulator's activation fake-quantization of `x` with bucket `k`'s parameters (any bit-width; NaN/inf pass
+    through unchanged, as in `TimestepActQuantizer`)."""
     scale, zp, qmin, qmax, scale_f, zp_i = module.act_quantizer._bucket_params()[k]
     if qmax >= 2**15 - 1:
         return x
     if x.dtype == torch.float32:
-        return torch.fake_quantize_per_tensor_affine(x, scale_f, zp_i, qmin, qmax)
-    return F.fake_quantize(x, scale.to(x.dtype), zp.to(x.dtype), qmin, qmax)
+        return F.fake_quantize_per_tensor(x, scale_f, zp_i, qmin, qmax, keep_nonfinite=True)
+    out = F.fake_quantize(x, scale.to(x.dtype), zp.to(x.dtype), qmin, qmax)
+    return torch.where(torch.isfinite(x), out, x)

@@ -11,9 +11,8 @@ Convolutions in weight-only mode hold their codes the same way and are dequantiz
 Layers with non-uniform levels (`weight.levels` log2/kmeans) hold their codebook indices the same way (unsigned,
 packed two per byte at <= 4 bits) plus the small per-row codebook, and dequantize by a table lookup per call
 (`kernel` `"lut_dequant_int4+float"` / `"lut_dequant_int8+float"`).
-The input's fake quantization (per-tensor, float32, the current bucket's static scale) uses `fast_fake_quant`, bit
-for bit PyTorch's `fake_quantize_per_tensor_affine` (which the simulator calls) in ~1/15 of its time on an AMX Xeon;
-other cases (mixed-bucket batches, per-token, stochastic rounding, `check_finite`, other dtypes) run the simulator's quantizer as it is.
+The input's fake quantization (per-tensor, float32, the current bucket's static scale) is the simulator's
+`tdq.quant.functional.fake_quantize_per_tensor`; other cases (mixed-bucket batches, per-token, stochastic rounding, `check_finite`, other dtypes) run the simulator's quantizer as it is.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import torch
 
 from tdq.quant import functional as F
 from tdq.quant.backends.base import RealQuantModule, dequantize_rows, weight_rows
-from tdq.quant.backends.x86 import _HAS_QTENSOR
 from tdq.quant.modules import QuantMixin
 
 
@@ -92,33 +90,10 @@ class WeightOnlyModule(RealQuantModule):
         _, _, qmin, qmax, scale_f, zp_i = self.act_quantizer._bucket_params()[k]
         xs = self._smoothed(x)
         if qmax < 2**15 - 1:  # 16-bit: the simulator's identity
-            xs = torch.where(torch.isfinite(xs), fast_fake_quant(xs, scale_f, zp_i, qmin, qmax), xs)
+            xs = F.fake_quantize_per_tensor(xs, scale_f, zp_i, qmin, qmax, keep_nonfinite=True)
         return self._float_forward(xs, self.dequantized_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast_input_ok(x):
             return self.simulate_forward(x)
         return self._run_bucket(x, self.context.bucket)
-
-
-def fast_fake_quant(x: torch.Tensor, scale: float, zp: int, qmin: int, qmax: int) -> torch.Tensor:
-    r"""
-    `torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)` for float32 `x`, bit for bit, in about 1/15 of
-    its time (measured on an AMX Xeon, 16x256x16x16: 1.9 ms vs 34 ms): PyTorch's vectorised `quantize_per_tensor`
-    (the same `round(x * (1/scale)) + zp` codes), the codes clamped to `[qmin, qmax]` in place, then `dequantize`
-    (`(q - zp) * scale`, the fake quantizer's own formula). Falls back to the fused op where quantized dtypes are gone
-    or the range does not fit 8 bits.
-    """
-    if _HAS_QTENSOR and 0 <= qmin and qmax <= 255:
-        dtype, lo, hi = torch.quint8, 0, 255
-    elif _HAS_QTENSOR and -128 <= qmin and qmax <= 127 and -128 <= zp <= 127:
-        dtype, lo, hi = torch.qint8, -128, 127
-    else:
-        return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
-    qx = torch.quantize_per_tensor(x, scale, zp, dtype)
-    if qmin > lo or qmax < hi:
-        codes = torch.empty(0, dtype=torch.uint8 if dtype == torch.quint8 else torch.int8).set_(
-            qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride()
-        )
-        codes.clamp_(qmin, qmax)  # the QTensor shares this storage
-    return qx.dequantize()

@@ -12,10 +12,10 @@ weight. Weights with fewer than 8 bits run with their codes on the int8 kernel.
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
+from tdq.quant import functional as F
 from tdq.quant.backends.base import (
     RealQuantModule,
     dequantize_rows,
@@ -31,12 +31,6 @@ def _inv_scale(scale_f: float) -> float:
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale_f, dtype=torch.float32))
 
 
-# `quantize_per_tensor` warns that the QTensor dtypes are deprecated; tdq only uses it as a fused uint8 quantizer
-# (see `quantize_u8`) and falls back to plain ops when it is gone.
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated", category=UserWarning)
-_HAS_QTENSOR = hasattr(torch, "quantize_per_tensor") and hasattr(torch, "quint8")
-
-
 def quantize_u8(x: torch.Tensor, scale: float, inv: float, zp: int, lo: int, hi: int) -> torch.Tensor:
     """
     `clamp(round(x * inv) + zp, lo, hi)` as `uint8` (round half to even, `inv = 1.0f / scale`): the codes of
@@ -45,7 +39,7 @@ def quantize_u8(x: torch.Tensor, scale: float, inv: float, zp: int, lo: int, hi:
     Uses `torch.quantize_per_tensor` (one fused pass, 10-20x faster than the five-op chain here) and views its
     storage as plain `uint8` without a copy; falls back to the op chain where quantized dtypes are gone.
     """
-    if _HAS_QTENSOR and x.dtype == torch.float32:
+    if F.HAS_QTENSOR and x.dtype == torch.float32:
         qx = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
         u = torch.empty(0, dtype=torch.uint8, device=x.device).set_(
             qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride()

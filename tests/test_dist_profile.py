@@ -209,3 +209,89 @@ def test_conditioned_forward_seeks_to_a_unit_row():
     assert fwd.position == 0  # 5 samples per bucket: the next bucket starts again at row 0
     with pytest.raises(ValueError, match="outside"):
         fwd.seek(5)
+
+
+RUN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from safetensors.torch import save_file
+    import tdq
+    assert tdq.__file__.startswith({root!r}), tdq.__file__
+    from tdq.run import stages
+    from tdq.run.job import run_experiment
+    sys.path.insert(0, {tests!r})
+    from test_dist_profile import FIELDS, stop_after_profile
+
+    def save_profile(ctx):
+        out = sys.argv[2] + f".rank{{ctx.dist.process_index}}"
+        save_file({{f: getattr(ctx.profile, f) for f in FIELDS}}, out + ".safetensors")
+        with open(out + ".json", "w") as f:
+            json.dump(ctx.sections["profile_distribution"], f)
+
+    stop_after_profile(stages, save_profile)
+    try:
+        run_experiment(json.loads(sys.argv[1]), sys.argv[2])
+    except FileNotFoundError:  # no report stage: run_experiment finds no report.json to return
+        pass
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else gloo's threads can abort the process at exit
+    """
+)
+
+RUN_CFG = {
+    "model": {"name": "tiny-random", "source": "random", "sample_size": 16},
+    "quant": {"grid": {"num_buckets": 3}},
+    # 3 buckets x 3 samples in batches of 2: 6 units, 3 per process
+    "schedule": {"planner": "uniform", "samples_per_bucket": 3, "batch_size": 2},
+    "calibration": {"num_samples": 2, "num_inference_steps": 2, "batch_size": 2},
+    "eval": {"num_samples": 2, "num_inference_steps": 2, "batch_size": 2, "feature": "none", "lpips_nets": [],
+             "noise_floor": False, "cache": False, "dataset": "none"},
+    "progress": False,
+    "threads": 1,
+}  # fmt: skip
+
+
+def stop_after_profile(stages, last) -> None:
+    """Cut `stages.STAGES` after `profile` and append the stage `last`."""
+    names = [s.name for s in stages.STAGES]
+    stages.STAGES[:] = stages.STAGES[: names.index("profile") + 1] + [stages.Stage("last", last)]
+
+
+@pytest.mark.timeout(300)
+def test_tdq_run_profile_sharded_under_accelerate(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tdq.run import stages
+    from tdq.run.job import run_experiment
+
+    script = tmp_path / "run_profile.py"
+    script.write_text(RUN_SCRIPT.format(tests=TESTS, root=os.path.dirname(TESTS)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(TESTS), env.get("PYTHONPATH")) if p)
+    out = tmp_path / "multi"
+    cmd = [
+        # as test_dist_calib: `--multi_gpu` (torchrun) starts two processes that become gloo CPU ranks
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(script), json.dumps(RUN_CFG), str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    saved = {}
+
+    def keep(ctx):
+        saved.update({f: getattr(ctx.profile, f) for f in FIELDS}, dist=ctx.sections["profile_distribution"])
+
+    monkeypatch.setattr(stages, "STAGES", list(stages.STAGES))
+    stop_after_profile(stages, keep)
+    with pytest.raises(FileNotFoundError, match="report.json"):  # stopped after profiling: no report
+        run_experiment(RUN_CFG, tmp_path / "single")
+    assert saved["dist"]["world_size"] == 1 and not saved["dist"]["sharded"]
+    for rank in (0, 1):
+        dist = json.loads(open(f"{out}.rank{rank}.json").read())
+        assert dist["sharded"] and dist["world_size"] == 2 and dist["units_per_rank"] == [3, 3], dist
+        got = load_file(f"{out}.rank{rank}.safetensors")
+        for f in FIELDS:
+            assert torch.equal(got[f], saved[f]), (rank, f)

@@ -68,6 +68,13 @@ def test_stage_and_report_section_extension_points(tmp_path, monkeypatch, one_th
     assert (
         written["schedule"]["planner"] == "uniform" and "noise_floor" not in written and "data" not in written
     )
+    assert written["profile_distribution"] == {
+        "sharded": False,
+        "world_size": 1,
+        "assignment": "round_robin",
+        "num_units": 3,  # 3 buckets (tiny_random_run) x 1 batch of 2 samples
+        "units_per_rank": [3],
+    }
     text = (tmp_path / "report.md").read_text()
     assert f"## Extra\n\n{n} quantizers" in text and text.index("## Extra") < text.index("## Figures")
 

@@ -15,17 +15,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from tdq.adapters import TimestepAdapter, TimestepArgumentError, get_adapter
-from tdq.config import QuantSpec, TDQConfig
+from tdq.config import TDQConfig
 from tdq.grid import TimestepGrid
-from tdq.mixed_precision.families import DDPMFamily, EDMFamily, NoiseFamily, is_ddpm_scheduler, noise_family
+from tdq.mixed_precision.dist_profile import (
+    ProfileUnit,
+    bucket_levels,
+    check_same_inputs,
+    gather_unit_results,
+    iter_unit_inputs,
+    profile_fingerprints,
+    profile_units,
+    seek_forward,
+    shard_plan,
+)
+from tdq.mixed_precision.families import NoiseFamily
 from tdq.mixed_precision.profile import SensitivityProfile
+from tdq.mixed_precision.profile_setup import _occupancy_weights, _per_output_macs, _profile_setup
 
 __all__ = ["default_forward_fn", "profile_sensitivity"]
 
@@ -45,196 +55,129 @@ def default_forward_fn(denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor) 
     return out
 
 
-def _timesteps_in_units(scheduler: Any, units: str, num_train: int) -> torch.Tensor:
-    """The grid-unit value of every train timestep `0..num_train-1` (float64)."""
-    tau = torch.arange(num_train, dtype=torch.float64)
-    if units == "train_timestep":
-        return tau
-    if units == "t":
-        return tau / num_train
-    if units == "sigma":
-        ac = getattr(scheduler, "alphas_cumprod", None)
-        if ac is None:
-            raise ValueError(
-                f"grid units 'sigma' need a scheduler with alphas_cumprod; {type(scheduler).__name__} has none"
-            )
-        ac = torch.as_tensor(ac, dtype=torch.float64).cpu()[:num_train]
-        return ((1 - ac) / ac).sqrt()
-    raise ValueError(f"grid units {units!r} are not supported by profile_sensitivity")
-
-
-def _resolve_grid_and_family(
-    grid: TimestepGrid | dict | None,
-    config: TDQConfig | None,
-    scheduler: Any,
-    num_train: int,
-    adapter: TimestepAdapter | None,
-    family: NoiseFamily | None,
-) -> tuple[TimestepGrid, NoiseFamily]:
-    """The resolved grid and the noise family that draws noise levels in its units."""
-    if grid is None:
-        if config is None:
-            raise ValueError("profile_sensitivity needs a grid (or a config whose grid is used)")
-        grid = config.grid
-    if isinstance(grid, dict):
-        grid = TimestepGrid(**grid)
-    ddpm = isinstance(family, DDPMFamily) or (family is None and is_ddpm_scheduler(scheduler))
-    if grid.units == "auto":
-        if ddpm or adapter is None:
-            units = "train_timestep"
-        else:
-            units = adapter.units
-    else:
-        units = grid.units
-    scale = adapter.scale if adapter is not None else 1.0
-
-    def to_model(v: torch.Tensor) -> torch.Tensor:
-        return v / scale if scale != 1.0 else v
-
-    values = None
-    if ddpm:
-        values = _timesteps_in_units(scheduler, units, num_train)
-    if family is None:
-        family = noise_family(scheduler, units, (lambda: values) if values is not None else None, to_model)
-    if not grid.resolved:
-        if isinstance(family, DDPMFamily):
-            values = family.grid_values
-            lo, hi = (0.0, 1.0) if units == "t" else (float(values.min()), float(values.max()))
-            if units == "train_timestep":
-                lo, hi = 0.0, float(num_train - 1)
-            grid = grid.resolve(units, lo, hi, spacing="log" if units == "sigma" else None)
-        elif isinstance(family, EDMFamily) and family.scheduler is not None and units == "sigma":
-            cfg = family.scheduler.config
-            grid = grid.resolve("sigma", float(cfg.sigma_min), float(cfg.sigma_max), spacing="log")
-        elif adapter is not None and adapter.units == units:
-            grid = grid.resolve(*adapter.default_grid())
-        else:
-            grid = grid.resolve(units, 0.0, 1.0) if units == "t" else grid
-    if not grid.resolved:
-        raise ValueError(f"cannot resolve the {units!r} grid for profiling: pass a resolved TimestepGrid")
-    grid.validate()
-    return grid, family
-
-
-def _occupancy_weights(
-    grid: TimestepGrid, step_timesteps: Sequence[float] | torch.Tensor | None, adapter: TimestepAdapter | None
-) -> torch.Tensor | None:
-    """Share of the sampler's steps per bucket, normalised to mean 1 (`None` without step timesteps)."""
-    if step_timesteps is None:
-        return None
-    raw = torch.as_tensor(step_timesteps, dtype=torch.float64).reshape(-1)
-    if raw.numel() == 0 or not bool(torch.isfinite(raw).all()):
-        raise ValueError("step_timesteps must be a non-empty sequence of finite timesteps")
-    values = raw * (adapter.scale if adapter is not None else 1.0)
-    inner = grid.edges()[1:-1].to(torch.float64)
-    buckets = torch.bucketize(values, inner, right=True)
-    counts = torch.bincount(buckets, minlength=grid.num_buckets).to(torch.float64)
-    return counts * grid.num_buckets / counts.sum()
-
-
-def _select_layers(
-    denoiser: nn.Module, layers: Sequence[str] | None, config: TDQConfig | None
-) -> list[tuple[str, nn.Module]]:
-    if layers is not None:
-        out = []
-        for name in layers:
-            try:
-                module = denoiser.get_submodule(name)
-            except AttributeError:
-                raise KeyError(f"layer {name!r} is not a submodule of {type(denoiser).__name__}") from None
-            if not isinstance(module, nn.Linear | nn.Conv2d):
-                raise ValueError(
-                    f"layer {name!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d are profiled"
-                )
-            out.append((name, module))
-        if len({n for n, _ in out}) != len(out):
-            raise ValueError("the layers list names a module more than once")
-    else:
-        out = [
-            (name, m)
-            for name, m in denoiser.named_modules()
-            if isinstance(m, nn.Linear | nn.Conv2d) and (config is None or config.selects(name))
-        ]
-    if not out:
-        raise ValueError("no nn.Linear / nn.Conv2d layer was selected for sensitivity profiling")
-    return out
-
-
-def _weight_range(weight: torch.Tensor, spec: QuantSpec) -> float:
-    w = weight.detach().float()
-    w2 = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
-    if spec.granularity == "per_tensor":
-        groups = w2.reshape(1, -1)
-    elif spec.granularity == "per_group" and w2.shape[1] % int(spec.group_size) == 0:
-        groups = w2.reshape(-1, int(spec.group_size))
-    else:
-        groups = w2
-    if spec.symmetric:
-        span = 2 * groups.abs().amax(dim=1)
-    else:
-        span = groups.amax(dim=1) - groups.amin(dim=1)
-    return float(span.double().pow(2).mean().sqrt())
-
-
-def _per_output_macs(module: nn.Module) -> int:
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return module.in_channels // module.groups * kh * kw
-    return module.in_features
-
-
-@dataclass
-class _ProfileSetup:
-    """What every sensitivity estimator derives from its arguments (see `_profile_setup`)."""
-
-    adapter: TimestepAdapter | None
-    names: list[str]
-    modules: list[nn.Module]
-    grid: TimestepGrid
-    family: NoiseFamily
-    weight_range: torch.Tensor
-    weight_spec: QuantSpec
-    num_train: int
-    scheduler_config: Any
-
-
-def _profile_setup(
-    denoiser, scheduler, x0, grid, config, layers, family, samples_per_bucket, batch_size
-) -> _ProfileSetup:
-    """Check the profiling inputs (naming the bad one) and resolve layers, grid, noise family and weight ranges."""
-    if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] == 0:
-        raise ValueError("x0 must be a tensor of clean samples with shape [N, ...], N >= 1")
-    if not bool(torch.isfinite(x0).all()):
-        bad = (~torch.isfinite(x0)).flatten(1).any(1).nonzero().flatten().tolist()
+def prediction_loss(family: NoiseFamily, denoiser, forward_fn, xb, noise, level) -> torch.Tensor:
+    """The family's per-sample weighted denoising loss of one batch, summed over the batch."""
+    x_t = family.noised(xb, noise, level)
+    pred, target = family.predict_and_target(denoiser, forward_fn, xb, noise, x_t, level)
+    if pred.shape != target.shape and pred.dim() >= 2 and pred.shape[1] == 2 * target.shape[1]:
+        pred = pred[:, : target.shape[1]]  # learned variance: the first half is the prediction
+    if pred.shape != target.shape:
         raise ValueError(
-            f"x0 holds NaN/inf in sample(s) {bad[:8]}; the sensitivity of such samples is meaningless"
+            f"the denoiser's prediction has shape {list(pred.shape)} but the target has {list(target.shape)}; "
+            "pass a forward_fn that returns the prediction"
         )
-    if layers is not None and (
-        not isinstance(layers, list | tuple) or not all(isinstance(n, str) and n for n in layers)
-    ):
-        raise ValueError(f"layers={layers!r:.80} must be a list of layer names")
-    if int(samples_per_bucket) < 1 or int(batch_size) < 1:
-        raise ValueError("samples_per_bucket and batch_size must be positive integers")
-    config_of = getattr(scheduler, "config", {}) or {}
-    num_train = int(config_of.get("num_train_timesteps", 1000))
-    try:
-        adapter = get_adapter(denoiser, num_train_timesteps=num_train)
-    except TimestepArgumentError:
-        adapter = None
-    selected = _select_layers(denoiser, layers, config)
-    names = [n for n, _ in selected]
-    modules = [m for _, m in selected]
-    grid_obj, family = _resolve_grid_and_family(grid, config, scheduler, num_train, adapter, family)
-    weight_spec = (
-        config.weight if config is not None else QuantSpec(granularity="per_channel", symmetric=True)
-    )
-    specs = [config.layer_specs(n)[0] for n in names] if config is not None else [weight_spec] * len(names)
-    weight_range = torch.tensor(
-        [_weight_range(m.weight, s) for m, s in zip(modules, specs, strict=True)], dtype=torch.float64
-    )
-    return _ProfileSetup(
-        adapter, names, modules, grid_obj, family, weight_range, weight_spec, num_train, config_of
-    )
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (family.weight(level).to(per_sample.device) * per_sample).sum()
+
+
+class _FisherHooks:
+    """
+    The hooks of a Fisher profile on the selected layers (a context manager: the model's training flag,
+    `requires_grad` flags and `.grad` tensors are restored and the hooks removed on exit, also on error), and the
+    per-unit measurement (`run_unit`).
+    """
+
+    def __init__(self, denoiser: nn.Module, modules: list[nn.Module], device: torch.device):
+        n = len(modules)
+        self.denoiser, self.modules, self.weights = denoiser, modules, [m.weight for m in modules]
+        self.batch_sq = torch.zeros(n, dtype=torch.float32, device=device)
+        self.batch_min = torch.full((n,), math.inf, dtype=torch.float32, device=device)
+        self.batch_max = torch.full((n,), -math.inf, dtype=torch.float32, device=device)
+        self.batch_macs = torch.zeros(n, dtype=torch.float64)
+        self.seen = torch.zeros(n, dtype=torch.bool)
+        self.measure_macs = False
+        self.handles: list = []
+
+    def __enter__(self) -> _FisherHooks:
+        d = self.denoiser
+        self.was_training = d.training
+        self.saved_flags = [(p, p.requires_grad) for p in d.parameters()]
+        self.saved_grads = [(w, w.grad) for w in self.weights]
+        d.eval()
+        for p in d.parameters():
+            p.requires_grad_(False)
+        for w in self.weights:
+            w.requires_grad_(True)
+            w.grad = None
+        for i, m in enumerate(self.modules):
+            self.handles.append(m.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post_hook(i, _per_output_macs(m))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        for p, flag in self.saved_flags:
+            p.requires_grad_(flag)
+        for w, g in self.saved_grads:
+            w.grad = g
+        self.denoiser.train(self.was_training)
+
+    def _pre_hook(self, idx: int):
+        batch_sq, batch_min, batch_max = self.batch_sq, self.batch_min, self.batch_max
+
+        def grad_hook(g: torch.Tensor) -> None:
+            batch_sq[idx] += g.detach().float().pow(2).sum().to(batch_sq.device)
+
+        def pre_hook(module, args, kwargs):
+            if args:
+                x, where = args[0], "args"
+            elif "input" in kwargs:
+                x, where = kwargs["input"], "kwargs"
+            else:
+                return None
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                return None
+            with torch.no_grad():
+                xd = x.detach()
+                batch_min[idx] = torch.minimum(batch_min[idx], xd.min().float().to(batch_min.device))
+                batch_max[idx] = torch.maximum(batch_max[idx], xd.max().float().to(batch_max.device))
+            # A fresh autograd node per use, so the gradient is the one flowing through this layer only (inputs
+            # shared by several layers, e.g. to_q/to_k/to_v, would otherwise see the sum of all consumers).
+            xa = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+            xa.register_hook(grad_hook)
+            if where == "args":
+                return (xa, *args[1:]), kwargs
+            return args, {**kwargs, "input": xa}
+
+        return pre_hook
+
+    def _post_hook(self, idx: int, per_out: int):
+        def post_hook(module, args, output):
+            self.seen[idx] = True
+            if self.measure_macs and isinstance(output, torch.Tensor):
+                self.batch_macs[idx] += float(output.numel()) * per_out
+
+        return post_hook
+
+    def run_unit(self, unit: ProfileUnit, family, forward_fn, xb, noise, level) -> dict[str, torch.Tensor]:
+        """One batch: the summed squared input gradients, input min/max, summed squared weight gradient per layer
+        (CPU float64), the layers seen so far and, for the first unit, the MACs per sample."""
+        self.batch_sq.zero_()
+        self.batch_min.fill_(math.inf)
+        self.batch_max.fill_(-math.inf)
+        self.measure_macs = unit.index == 0
+        with torch.enable_grad():
+            loss = prediction_loss(family, self.denoiser, forward_fn, xb, noise, level)
+            self.measure_macs = False
+            if not loss.requires_grad:
+                raise RuntimeError("none of the selected layers takes part in the denoiser's forward pass")
+            loss.backward()
+        zero = torch.zeros((), device=self.batch_sq.device)
+        w_sq = [
+            zero if w.grad is None else w.grad.detach().float().pow(2).sum().to(zero.device)
+            for w in self.weights
+        ]
+        for w in self.weights:
+            w.grad = None
+        return {
+            "act_sq": self.batch_sq.double().cpu(),
+            "act_min": self.batch_min.double().cpu(),
+            "act_max": self.batch_max.double().cpu(),
+            "weight_sq": torch.stack(w_sq).double().cpu(),
+            "seen": self.seen.clone(),
+            "macs": self.batch_macs / xb.shape[0] if unit.index == 0 else None,
+        }
 
 
 def profile_sensitivity(
@@ -252,6 +195,7 @@ def profile_sensitivity(
     progress: bool = True,
     family: NoiseFamily | None = None,
     step_timesteps: Sequence[float] | torch.Tensor | None = None,
+    shard: bool | None = None,
 ) -> SensitivityProfile:
     r"""
     Measure the Fisher sensitivity of every layer's input activation and weight in every timestep bucket.
@@ -267,7 +211,7 @@ def profile_sensitivity(
 
     The model runs in eval mode; its training flag, `requires_grad` flags and `.grad` tensors are restored and all
     hooks removed afterwards, also on error. Results are deterministic for a fixed `seed` (up to the determinism of
-    the device's kernels).
+    the device's kernels), and equal whether computed by one process or sharded across several (`shard`).
 
     Args:
         denoiser (`torch.nn.Module`):
@@ -308,6 +252,14 @@ def profile_sensitivity(
             The timesteps the sampler in use passes to the denoiser (in the adapter's raw units, as the hook reads
             them). Each bucket's Fisher is then weighted by the share of sampler steps that land in it (normalised to
             mean 1 over buckets; buckets no step reaches get 0), recorded as `meta["bucket_weights"]`.
+        shard (`bool`, *optional*):
+            Split the work across the processes of the initialized `torch.distributed` group (e.g. under
+            `accelerate launch`): each process computes its round-robin share of the (bucket, batch) units and the
+            per-unit sums are gathered and added in unit order, so every process gets the single-process profile
+            (see `tdq.mixed_precision.dist_profile`). `None` (default) shards when such a group with more than one
+            process exists; `False` computes everything here. Every process must call with the same model,
+            arguments and `x0` (checked: a `ValueError` names the field that differs). Recorded as
+            `meta["distribution"]`.
 
     Returns:
         `SensitivityProfile`.
@@ -316,172 +268,53 @@ def profile_sensitivity(
         denoiser, scheduler, x0, grid, config, layers, family, samples_per_bucket, batch_size
     )
     forward_fn = forward_fn or default_forward_fn
-    adapter, names, modules = setup.adapter, setup.names, setup.modules
-    num_layers, grid_obj, family = len(modules), setup.grid, setup.family
-    num_buckets, edges, weight_range = grid_obj.num_buckets, grid_obj.edges().tolist(), setup.weight_range
-    num_train, config_of, weight_spec = setup.num_train, setup.scheduler_config, setup.weight_spec
-    bucket_weights = _occupancy_weights(grid_obj, step_timesteps, adapter)
-    empty_buckets: list[int] = []
+    names, modules, grid_obj, family = setup.names, setup.modules, setup.grid, setup.family
+    num_layers, num_buckets = len(modules), grid_obj.num_buckets
+    bucket_weights = _occupancy_weights(grid_obj, step_timesteps, setup.adapter)
+    plan = shard_plan(profile_units(num_buckets, samples_per_bucket, batch_size), shard)
+    check_same_inputs(
+        profile_fingerprints(setup, denoiser, x0, forward_fn, "fisher", seed, samples_per_bucket, batch_size,
+                             step_timesteps=step_timesteps),
+        plan,
+    )  # fmt: skip
 
     param = next(denoiser.parameters(), None)
     device = param.device if param is not None else x0.device
     x0 = x0.detach().to(device).clone()
+    with _FisherHooks(denoiser, modules, device) as hooks:
+        local = {}
+        for unit, (xb, noise, level) in iter_unit_inputs(plan, family, grid_obj, x0, seed, progress):
+            seek_forward(forward_fn, unit)
+            local[unit.index] = hooks.run_unit(unit, family, forward_fn, xb, noise, level)
+    results = gather_unit_results(plan, local)
+
+    # sums in unit order, the same additions in one process and in many
     act_fisher = torch.zeros(num_layers, num_buckets, dtype=torch.float64)
     weight_fisher = torch.zeros(num_layers, num_buckets, dtype=torch.float64)
     act_min = torch.full((num_layers, num_buckets), math.inf, dtype=torch.float64)
     act_max = torch.full((num_layers, num_buckets), -math.inf, dtype=torch.float64)
     num_samples = torch.zeros(num_buckets, dtype=torch.int64)
-    macs_total = torch.zeros(num_layers, dtype=torch.float64)
+    num_batches = torch.zeros(num_buckets, dtype=torch.int64)
     seen = torch.zeros(num_layers, dtype=torch.bool)
-
-    state: dict[str, Any] = {"measure_macs": False}
-    batch_sq = torch.zeros(num_layers, dtype=torch.float32, device=device)
-    batch_min = torch.full((num_layers,), math.inf, dtype=torch.float32, device=device)
-    batch_max = torch.full((num_layers,), -math.inf, dtype=torch.float32, device=device)
-    batch_macs = torch.zeros(num_layers, dtype=torch.float64)
-
-    def make_pre_hook(idx: int):
-        def grad_hook(g: torch.Tensor) -> None:
-            batch_sq[idx] += g.detach().float().pow(2).sum().to(batch_sq.device)
-
-        def pre_hook(module, args, kwargs):
-            if args:
-                x, where = args[0], "args"
-            elif "input" in kwargs:
-                x, where = kwargs["input"], "kwargs"
-            else:
-                return None
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-                return None
-            with torch.no_grad():
-                xd = x.detach()
-                batch_min[idx] = torch.minimum(batch_min[idx], xd.min().float().to(batch_min.device))
-                batch_max[idx] = torch.maximum(batch_max[idx], xd.max().float().to(batch_max.device))
-            # A fresh autograd node per use, so the gradient is the one flowing through this layer only (inputs
-            # shared by several layers, e.g. to_q/to_k/to_v, would otherwise see the sum of all consumers).
-            xa = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-            xa.register_hook(grad_hook)
-            if where == "args":
-                return (xa, *args[1:]), kwargs
-            return args, {**kwargs, "input": xa}
-
-        return pre_hook
-
-    def make_post_hook(idx: int, per_out: int):
-        def post_hook(module, args, output):
-            seen[idx] = True
-            if state["measure_macs"] and isinstance(output, torch.Tensor):
-                batch_macs[idx] += float(output.numel()) * per_out
-
-        return post_hook
-
-    was_training = denoiser.training
-    saved_flags = [(p, p.requires_grad) for p in denoiser.parameters()]
-    weights = [m.weight for m in modules]
-    saved_grads = [(w, w.grad) for w in weights]
-    handles = []
-    try:
-        denoiser.eval()
-        for p in denoiser.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-            w.grad = None
-        for i, m in enumerate(modules):
-            handles.append(m.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
-            handles.append(m.register_forward_hook(make_post_hook(i, _per_output_macs(m))))
-
-        total_batches = sum(math.ceil(int(samples_per_bucket) / int(batch_size)) for _ in range(num_buckets))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total_batches, desc="sensitivity", leave=False)
-        timestep_ranges = []
-        first_batch = True
-        with torch.enable_grad():
-            for k in range(num_buckets):
-                gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
-                t_all, empty = family.draw(
-                    edges[k], edges[k + 1], k == num_buckets - 1, int(samples_per_bucket), gen
-                )
-                if empty:
-                    empty_buckets.append(k)
-                noise_all = torch.randn(
-                    (int(samples_per_bucket), *x0.shape[1:]), generator=gen, dtype=torch.float32
-                )
-                idx_all = torch.arange(int(samples_per_bucket)) % x0.shape[0]
-                lo_t, hi_t = t_all.min().item(), t_all.max().item()
-                timestep_ranges.append([lo_t, hi_t])
-                num_batches = 0
-                for start in range(0, int(samples_per_bucket), int(batch_size)):
-                    sl = slice(start, min(start + int(batch_size), int(samples_per_bucket)))
-                    xb = x0[idx_all[sl].to(device)]
-                    noise = noise_all[sl].to(device=device, dtype=x0.dtype)
-                    level = t_all[sl]
-                    x_t = family.noised(xb, noise, level)
-
-                    batch_sq.zero_()
-                    batch_min.fill_(math.inf)
-                    batch_max.fill_(-math.inf)
-                    state["measure_macs"] = first_batch
-                    pred, target = family.predict_and_target(denoiser, forward_fn, xb, noise, x_t, level)
-                    state["measure_macs"] = False
-                    if (
-                        pred.shape != target.shape
-                        and pred.dim() >= 2
-                        and pred.shape[1] == 2 * target.shape[1]
-                    ):
-                        pred = pred[:, : target.shape[1]]
-                    if pred.shape != target.shape:
-                        raise ValueError(
-                            f"the denoiser's prediction has shape {list(pred.shape)} but the target has "
-                            f"{list(target.shape)}; pass a forward_fn that returns the prediction"
-                        )
-                    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-                    loss = (family.weight(level).to(per_sample.device) * per_sample).sum()
-                    if not loss.requires_grad:
-                        raise RuntimeError(
-                            "none of the selected layers takes part in the denoiser's forward pass"
-                        )
-                    loss.backward()
-
-                    n = sl.stop - sl.start
-                    act_fisher[:, k] += batch_sq.double().cpu()
-                    act_min[:, k] = torch.minimum(act_min[:, k], batch_min.double().cpu())
-                    act_max[:, k] = torch.maximum(act_max[:, k], batch_max.double().cpu())
-                    zero = torch.zeros((), device=device)
-                    w_sq = [
-                        zero if w.grad is None else w.grad.detach().float().pow(2).sum().to(device)
-                        for w in weights
-                    ]
-                    weight_fisher[:, k] += torch.stack(w_sq).double().cpu() / n
-                    for w in weights:
-                        w.grad = None
-                    if first_batch:
-                        macs_total += batch_macs / x_t.shape[0]
-                        first_batch = False
-                    num_samples[k] += n
-                    num_batches += 1
-                    if bar is not None:
-                        bar.update(1)
-                act_fisher[:, k] /= max(int(num_samples[k]), 1)
-                weight_fisher[:, k] /= max(num_batches, 1)
-        if bar is not None:
-            bar.close()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
-        for w, g in saved_grads:
-            w.grad = g
-        denoiser.train(was_training)
+    for unit, r in zip(plan.units, results, strict=True):
+        k = unit.bucket
+        act_fisher[:, k] += r["act_sq"]
+        act_min[:, k] = torch.minimum(act_min[:, k], r["act_min"])
+        act_max[:, k] = torch.maximum(act_max[:, k], r["act_max"])
+        weight_fisher[:, k] += r["weight_sq"] / unit.size
+        num_samples[k] += unit.size
+        num_batches[k] += 1
+        seen |= r["seen"]
+    act_fisher /= num_samples.clamp_min(1).to(torch.float64)
+    weight_fisher /= num_batches.clamp_min(1).to(torch.float64)
+    macs_total = results[0]["macs"]
 
     act_range = torch.where(torch.isfinite(act_max - act_min), act_max - act_min, torch.zeros_like(act_max))
     if bucket_weights is not None:
         act_fisher *= bucket_weights
         weight_fisher *= bucket_weights
+    ranges, empty_buckets = bucket_levels(family, grid_obj, samples_per_bucket, seed)
+    config_of, weight_spec = setup.scheduler_config, setup.weight_spec
     meta = {
         "seed": int(seed),
         "samples_per_bucket": int(samples_per_bucket),
@@ -489,7 +322,7 @@ def profile_sensitivity(
         "num_x0": int(x0.shape[0]),
         "denoiser": type(denoiser).__name__,
         "scheduler": type(scheduler).__name__ if scheduler is not None else None,
-        "num_train_timesteps": num_train,
+        "num_train_timesteps": setup.num_train,
         "prediction_type": config_of.get("prediction_type", "epsilon"),
         "noise_family": family.describe(),
         "bucket_weights": None if bucket_weights is None else bucket_weights.tolist(),
@@ -497,10 +330,11 @@ def profile_sensitivity(
         "weight_fisher_estimator": "batch_gradient",
         "weight_range": "rms_group_span",
         "weight_spec": {"granularity": weight_spec.granularity, "symmetric": weight_spec.symmetric},
-        "timestep_ranges": timestep_ranges,
+        "timestep_ranges": ranges,
         "empty_buckets": empty_buckets,
         "unused_layers": [names[i] for i in range(num_layers) if not bool(seen[i])],
         "weight_numel": [int(m.weight.numel()) for m in modules],
+        "distribution": plan.meta(),
     }
     return SensitivityProfile(
         layers=names,
@@ -508,7 +342,7 @@ def profile_sensitivity(
         act_fisher=act_fisher,
         act_range=act_range,
         weight_fisher=weight_fisher,
-        weight_range=weight_range,
+        weight_range=setup.weight_range,
         macs=macs_total.round().to(torch.int64),
         num_samples=num_samples,
         meta=meta,

@@ -20,9 +20,20 @@ from torch import nn
 
 from tdq.config import TDQConfig
 from tdq.grid import TimestepGrid
+from tdq.mixed_precision.dist_profile import (
+    ProfileUnit,
+    check_same_inputs,
+    gather_unit_results,
+    iter_unit_inputs,
+    profile_fingerprints,
+    profile_units,
+    seek_forward,
+    shard_plan,
+)
 from tdq.mixed_precision.families import NoiseFamily
-from tdq.mixed_precision.fisher import _per_output_macs, _profile_setup, default_forward_fn
+from tdq.mixed_precision.fisher import default_forward_fn, prediction_loss
 from tdq.mixed_precision.profile import SensitivityProfile
+from tdq.mixed_precision.profile_setup import _per_output_macs, _profile_setup
 
 __all__ = ["hutchinson_trace", "hutchinson_sensitivity"]
 
@@ -103,6 +114,8 @@ def hutchinson_sensitivity(
     forward_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
     family: NoiseFamily | None = None,
+    progress: bool = False,
+    shard: bool | None = None,
 ) -> SensitivityProfile:
     r"""
     Hessian-trace sensitivity of every layer's input activation and weight in every timestep bucket.
@@ -110,7 +123,8 @@ def hutchinson_sensitivity(
     Draws the noised samples exactly as [`~tdq.mixed_precision.fisher.profile_sensitivity`] does for the same
     `seed` (bucket `k` uses generator seed `seed · 1 000 003 + k`) and the same loss (the noise family's per-sample
     weighted MSE, summed over the batch). For each batch the Hessian traces of the loss with respect to each
-    selected layer's weight and input activation are estimated with `probes` Rademacher probes; activation traces
+    selected layer's weight and input activation are estimated with `probes` Rademacher probes (each batch's probes
+    from its own generator, `probe_seed`, so a sharded run draws the same ones); activation traces
     are divided by the batch size (each sample's activation affects only its own loss), weight traces too (the
     batch loss is a sum). Bucket values are the mean over the bucket's batches.
 
@@ -128,6 +142,10 @@ def hutchinson_sensitivity(
         forward_fn (`Callable`, *optional*): as in `profile_sensitivity`.
         seed (`int`, *optional*, defaults to `0`): seed of the noised samples and the probes.
         family (`NoiseFamily`, *optional*): overrides the noise family.
+        progress (`bool`, *optional*, defaults to `False`): show a tqdm bar over the batches.
+        shard (`bool`, *optional*): split the (bucket, batch) units across the processes of the initialized
+            `torch.distributed` group, as in `profile_sensitivity` (`None`: when one with several processes exists);
+            the result equals one process's. Recorded as `meta["distribution"]`.
 
     Returns:
         `SensitivityProfile` with Hessian traces in `act_fisher` and `weight_fisher`, ranges and MACs as a Fisher
@@ -142,105 +160,45 @@ def hutchinson_sensitivity(
     )
     forward_fn = forward_fn or default_forward_fn
     names, modules, grid_obj, family = setup.names, setup.modules, setup.grid, setup.family
-    num_layers, num_buckets, edges = len(modules), grid_obj.num_buckets, grid_obj.edges().tolist()
-    weight_range = setup.weight_range
+    num_layers, num_buckets = len(modules), grid_obj.num_buckets
+    plan = shard_plan(profile_units(num_buckets, samples_per_bucket, batch_size), shard)
+    check_same_inputs(
+        profile_fingerprints(setup, denoiser, x0, forward_fn, "hutchinson", seed, samples_per_bucket, batch_size,
+                             probes=int(probes)),
+        plan,
+    )  # fmt: skip
 
     param = next(denoiser.parameters(), None)
     device = param.device if param is not None else x0.device
     x0 = x0.detach().to(device)
+    with _HessianHooks(denoiser, modules) as hooks, torch.enable_grad(), _math_attention():
+        local = {}
+        for unit, (xb, noise, level) in iter_unit_inputs(plan, family, grid_obj, x0, seed, progress):
+            seek_forward(forward_fn, unit)
+            probe_gen = torch.Generator().manual_seed(probe_seed(seed, unit))
+            local[unit.index] = hooks.run_unit(
+                unit, family, forward_fn, xb, noise, level, int(probes), probe_gen
+            )
+    results = gather_unit_results(plan, local)
+
+    # sums in unit order, the same additions in one process and in many
     act_h = torch.zeros(num_layers, num_buckets, dtype=torch.float64)
     weight_h = torch.zeros(num_layers, num_buckets, dtype=torch.float64)
     act_min = torch.full((num_layers, num_buckets), math.inf, dtype=torch.float64)
     act_max = torch.full((num_layers, num_buckets), -math.inf, dtype=torch.float64)
-    macs = torch.zeros(num_layers, dtype=torch.float64)
     num_samples = torch.zeros(num_buckets, dtype=torch.int64)
-    captured: dict[int, torch.Tensor] = {}
-    state = {"k": 0, "macs": False}
-
-    def make_pre(idx: int):
-        def pre(module, args, kwargs):
-            if not args or not isinstance(args[0], torch.Tensor):
-                return None
-            x = args[0]
-            xa = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-            captured[idx] = xa
-            act_min[idx, state["k"]] = min(float(act_min[idx, state["k"]]), float(x.detach().min()))
-            act_max[idx, state["k"]] = max(float(act_max[idx, state["k"]]), float(x.detach().max()))
-            return (xa, *args[1:]), kwargs
-
-        return pre
-
-    def make_post(idx: int, per_out: int):
-        def post(module, args, output):
-            if state["macs"] and isinstance(output, torch.Tensor):
-                macs[idx] += float(output[:1].numel()) * per_out
-
-        return post
-
-    was_training = denoiser.training
-    saved = [(p, p.requires_grad) for p in denoiser.parameters()]
-    weights = [m.weight for m in modules]
-    handles = []
-    try:
-        denoiser.eval()
-        for p in denoiser.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        for i, m in enumerate(modules):
-            handles.append(m.register_forward_pre_hook(make_pre(i), with_kwargs=True))
-            handles.append(m.register_forward_hook(make_post(i, _per_output_macs(m))))
-        probe_gen = torch.Generator().manual_seed(int(seed) + 7919)
-        first = True
-        with torch.enable_grad(), _math_attention():
-            for k in range(num_buckets):
-                state["k"] = k
-                gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
-                n_all = int(samples_per_bucket)
-                t_all, _ = family.draw(edges[k], edges[k + 1], k == num_buckets - 1, n_all, gen)
-                noise_all = torch.randn((n_all, *x0.shape[1:]), generator=gen, dtype=torch.float32)
-                idx_all = torch.arange(n_all) % x0.shape[0]
-                batches = 0
-                for start in range(0, n_all, int(batch_size)):
-                    sl = slice(start, min(start + int(batch_size), n_all))
-                    xb = x0[idx_all[sl].to(device)]
-                    noise = noise_all[sl].to(device=device, dtype=x0.dtype)
-                    level = t_all[sl]
-                    x_t = family.noised(xb, noise, level)
-                    captured.clear()
-                    state["macs"] = first
-                    pred, target = family.predict_and_target(denoiser, forward_fn, xb, noise, x_t, level)
-                    state["macs"] = first = False
-                    if (
-                        pred.shape != target.shape
-                        and pred.dim() >= 2
-                        and pred.shape[1] == 2 * target.shape[1]
-                    ):
-                        pred = pred[:, : target.shape[1]]
-                    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-                    loss = (family.weight(level).to(per_sample.device) * per_sample).sum()
-                    acts = [captured.get(i) for i in range(num_layers)]
-                    params = weights + [a for a in acts if a is not None]
-                    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                    traces = _probe_traces(grads, params, int(probes), probe_gen)
-                    n = sl.stop - sl.start
-                    weight_h[:, k] += traces[:num_layers] / n
-                    j = num_layers
-                    for i, a in enumerate(acts):
-                        if a is not None:
-                            act_h[i, k] += traces[j] / n
-                            j += 1
-                    num_samples[k] += n
-                    batches += 1
-                act_h[:, k] /= max(batches, 1)
-                weight_h[:, k] /= max(batches, 1)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in saved:
-            p.requires_grad_(flag)
-        denoiser.train(was_training)
-        captured.clear()
+    batches = torch.zeros(num_buckets, dtype=torch.int64)
+    for unit, r in zip(plan.units, results, strict=True):
+        k = unit.bucket
+        weight_h[:, k] += r["weight_trace"] / unit.size
+        act_h[:, k] += r["act_trace"] / unit.size
+        act_min[:, k] = torch.minimum(act_min[:, k], r["act_min"])
+        act_max[:, k] = torch.maximum(act_max[:, k], r["act_max"])
+        num_samples[k] += unit.size
+        batches[k] += 1
+    act_h /= batches.clamp_min(1).to(torch.float64)
+    weight_h /= batches.clamp_min(1).to(torch.float64)
+    macs = results[0]["macs"]
 
     act_range = torch.where(torch.isfinite(act_max - act_min), act_max - act_min, torch.zeros_like(act_max))
     negative = int((act_h < 0).sum() + (weight_h < 0).sum())
@@ -250,18 +208,115 @@ def hutchinson_sensitivity(
         act_fisher=act_h.clamp_min(0),
         act_range=act_range,
         weight_fisher=weight_h.clamp_min(0),
-        weight_range=weight_range,
+        weight_range=setup.weight_range,
         macs=macs.round().to(torch.int64),
         num_samples=num_samples,
         meta={
             "estimator": "hutchinson",
             "negative_entries_clamped": negative,
             "probes": int(probes),
+            "probe_seeds": "per_unit",
             "seed": int(seed),
             "samples_per_bucket": int(samples_per_bucket),
             "batch_size": int(batch_size),
             "noise_family": family.describe(),
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
             "weight_numel": [int(m.weight.numel()) for m in modules],
+            "distribution": plan.meta(),
         },
     )
+
+
+def probe_seed(seed: int, unit: ProfileUnit) -> int:
+    """The seed of `unit`'s Rademacher probes: its own stream, so any process draws the probes one process would."""
+    return (int(seed) + 7919) * 1_000_003 + unit.index
+
+
+class _HessianHooks:
+    """
+    Hooks that capture each selected layer's input (as a fresh autograd leaf) and its min/max, and the per-unit
+    Hutchinson measurement (`run_unit`). A context manager: hooks removed and flags restored on exit.
+    """
+
+    def __init__(self, denoiser: nn.Module, modules: list[nn.Module]):
+        self.denoiser, self.modules, self.weights = denoiser, modules, [m.weight for m in modules]
+        n = len(modules)
+        self.captured: dict[int, torch.Tensor] = {}
+        self.unit_min = [math.inf] * n
+        self.unit_max = [-math.inf] * n
+        self.macs = torch.zeros(n, dtype=torch.float64)
+        self.measure_macs = False
+        self.handles: list = []
+
+    def __enter__(self) -> _HessianHooks:
+        d = self.denoiser
+        self.was_training = d.training
+        self.saved = [(p, p.requires_grad) for p in d.parameters()]
+        d.eval()
+        for p in d.parameters():
+            p.requires_grad_(False)
+        for w in self.weights:
+            w.requires_grad_(True)
+        for i, m in enumerate(self.modules):
+            self.handles.append(m.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post(i, _per_output_macs(m))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+        self.denoiser.train(self.was_training)
+        self.captured.clear()
+
+    def _pre(self, idx: int):
+        def pre(module, args, kwargs):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            xa = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+            self.captured[idx] = xa
+            self.unit_min[idx] = min(self.unit_min[idx], float(x.detach().min()))
+            self.unit_max[idx] = max(self.unit_max[idx], float(x.detach().max()))
+            return (xa, *args[1:]), kwargs
+
+        return pre
+
+    def _post(self, idx: int, per_out: int):
+        def post(module, args, output):
+            if self.measure_macs and isinstance(output, torch.Tensor):
+                self.macs[idx] += float(output[:1].numel()) * per_out
+
+        return post
+
+    def run_unit(
+        self, unit, family, forward_fn, xb, noise, level, probes: int, gen
+    ) -> dict[str, torch.Tensor]:
+        """One batch: Hutchinson traces of the summed loss per layer weight and input (CPU float64, the input's 0
+        where the layer did not run), input min/max and, for the first unit, the MACs per sample."""
+        n = len(self.modules)
+        self.captured.clear()
+        self.unit_min[:] = [math.inf] * n
+        self.unit_max[:] = [-math.inf] * n
+        self.measure_macs = unit.index == 0
+        loss = prediction_loss(family, self.denoiser, forward_fn, xb, noise, level)
+        self.measure_macs = False
+        acts = [self.captured.get(i) for i in range(n)]
+        params = self.weights + [a for a in acts if a is not None]
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        traces = _probe_traces(grads, params, probes, gen)
+        act_trace = torch.zeros(n, dtype=torch.float64)
+        j = n
+        for i, a in enumerate(acts):
+            if a is not None:
+                act_trace[i] = traces[j]
+                j += 1
+        self.captured.clear()
+        return {
+            "weight_trace": traces[:n].clone(),
+            "act_trace": act_trace,
+            "act_min": torch.tensor(self.unit_min, dtype=torch.float64),
+            "act_max": torch.tensor(self.unit_max, dtype=torch.float64),
+            "macs": self.macs.clone() if unit.index == 0 else None,
+        }

@@ -251,7 +251,9 @@ def features(ctx: RunContext) -> None:
 
 def profile(ctx: RunContext) -> None:
     """
-    Sensitivity profile of the FP model on its own samples of the calibration seeds (every process computes it).
+    Sensitivity profile of the FP model on its own samples of the calibration seeds. Under several processes the
+    (bucket, batch) units are shared round-robin and the per-unit sums gathered (`profile_sensitivity(shard=None)`),
+    so every process holds the single-process profile; the report's `profile_distribution` section says how it ran.
     Skipped with `schedule.planner=none`.
     """
     from tdq.mixed_precision.fisher import profile_sensitivity
@@ -287,6 +289,7 @@ def profile(ctx: RunContext) -> None:
             progress=ctx.progress,
             step_timesteps=_eval_step_timesteps(ctx) if cfg.schedule.occupancy else None,
         )
+    ctx.sections["profile_distribution"] = dict(ctx.profile.meta["distribution"])
     if ctx.dist.is_main:
         ctx.profile.save(ctx.run_dir / "sensitivity")
         ctx.profile.plot_heatmap(ctx.run_dir / "sensitivity_act.png", kind="act")

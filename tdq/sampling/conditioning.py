@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tdq.utils.io import sha256_bytes
+
 if TYPE_CHECKING:
     from tdq.sampling.prompts import PromptList
     from tdq.sampling.samplers import LatentDiffusionSampler
@@ -223,7 +225,9 @@ class ConditionedForward:
 
     `profile_sensitivity` does not pass row indices to `forward_fn`; it cycles the rows of `x0` in order (the
     `i`-th sample of every bucket is row `i % N`, in batches of `batch_size`, buckets one after the other), and this
-    callable follows that order by counting rows, restarting at every `samples_per_bucket` rows.
+    callable follows that order by counting rows, restarting at every `samples_per_bucket` rows. A profile sharded
+    across processes computes only some batches of each bucket; it calls `seek(row)` before each batch so that the
+    count starts at that batch's first row (the rows one process would use for it).
 
     Args:
         sampler (`LatentDiffusionSampler`): gives the denoiser's conditioning and latent shape.
@@ -238,6 +242,22 @@ class ConditionedForward:
         self.num_rows = len(seeds)
         self.samples_per_bucket = int(samples_per_bucket)
         self.position = 0
+
+    def seek(self, row: int) -> None:
+        """Make the next batch start at the bucket's sample `row` (`0 <= row < samples_per_bucket`)."""
+        if not 0 <= int(row) < self.samples_per_bucket:
+            raise ValueError(f"ConditionedForward.seek({row}): outside 0..{self.samples_per_bucket - 1}")
+        self.position = int(row)
+
+    def fingerprint(self) -> str:
+        """What the profile's same-inputs check compares across processes: kind, rows and the conditioning."""
+        cond = self.cond.detach().cpu().contiguous()
+        raw = cond.reshape(-1).view(torch.uint8).numpy().tobytes()
+        digest = sha256_bytes(str((cond.dtype, tuple(cond.shape))).encode() + raw)
+        return (
+            f"ConditionedForward({self.conditioning.kind}, rows={self.num_rows}, "
+            f"samples_per_bucket={self.samples_per_bucket}, cond=sha256:{digest[:16]})"
+        )
 
     def rows(self, batch: int) -> torch.Tensor:
         """Indices of the `x0` rows of the next batch of `batch` samples (advances the counter)."""

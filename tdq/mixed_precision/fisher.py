@@ -35,7 +35,7 @@ from tdq.mixed_precision.dist_profile import (
 )
 from tdq.mixed_precision.families import NoiseFamily
 from tdq.mixed_precision.profile import SensitivityProfile
-from tdq.mixed_precision.profile_setup import _occupancy_weights, _per_output_macs, _profile_setup
+from tdq.mixed_precision.profile_setup import _LayerHooks, _occupancy_weights, _profile_setup
 
 __all__ = ["default_forward_fn", "profile_sensitivity"]
 
@@ -70,7 +70,7 @@ def prediction_loss(family: NoiseFamily, denoiser, forward_fn, xb, noise, level)
     return (family.weight(level).to(per_sample.device) * per_sample).sum()
 
 
-class _FisherHooks:
+class _FisherHooks(_LayerHooks):
     """
     The hooks of a Fisher profile on the selected layers (a context manager: the model's training flag,
     `requires_grad` flags and `.grad` tensors are restored and the hooks removed on exit, also on error), and the
@@ -78,40 +78,13 @@ class _FisherHooks:
     """
 
     def __init__(self, denoiser: nn.Module, modules: list[nn.Module], device: torch.device):
+        super().__init__(denoiser, modules)
         n = len(modules)
-        self.denoiser, self.modules, self.weights = denoiser, modules, [m.weight for m in modules]
         self.batch_sq = torch.zeros(n, dtype=torch.float32, device=device)
         self.batch_min = torch.full((n,), math.inf, dtype=torch.float32, device=device)
         self.batch_max = torch.full((n,), -math.inf, dtype=torch.float32, device=device)
         self.batch_macs = torch.zeros(n, dtype=torch.float64)
         self.seen = torch.zeros(n, dtype=torch.bool)
-        self.measure_macs = False
-        self.handles: list = []
-
-    def __enter__(self) -> _FisherHooks:
-        d = self.denoiser
-        self.was_training = d.training
-        self.saved_flags = [(p, p.requires_grad) for p in d.parameters()]
-        self.saved_grads = [(w, w.grad) for w in self.weights]
-        d.eval()
-        for p in d.parameters():
-            p.requires_grad_(False)
-        for w in self.weights:
-            w.requires_grad_(True)
-            w.grad = None
-        for i, m in enumerate(self.modules):
-            self.handles.append(m.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
-            self.handles.append(m.register_forward_hook(self._post_hook(i, _per_output_macs(m))))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        for p, flag in self.saved_flags:
-            p.requires_grad_(flag)
-        for w, g in self.saved_grads:
-            w.grad = g
-        self.denoiser.train(self.was_training)
 
     def _pre_hook(self, idx: int):
         batch_sq, batch_min, batch_max = self.batch_sq, self.batch_min, self.batch_max

@@ -33,7 +33,7 @@ from tdq.mixed_precision.dist_profile import (
 from tdq.mixed_precision.families import NoiseFamily
 from tdq.mixed_precision.fisher import default_forward_fn, prediction_loss
 from tdq.mixed_precision.profile import SensitivityProfile
-from tdq.mixed_precision.profile_setup import _per_output_macs, _profile_setup
+from tdq.mixed_precision.profile_setup import _LayerHooks, _profile_setup
 
 __all__ = ["hutchinson_trace", "hutchinson_sensitivity"]
 
@@ -232,45 +232,24 @@ def probe_seed(seed: int, unit: ProfileUnit) -> int:
     return (int(seed) + 7919) * 1_000_003 + unit.index
 
 
-class _HessianHooks:
+class _HessianHooks(_LayerHooks):
     """
     Hooks that capture each selected layer's input (as a fresh autograd leaf) and its min/max, and the per-unit
     Hutchinson measurement (`run_unit`). A context manager: hooks removed and flags restored on exit.
     """
 
     def __init__(self, denoiser: nn.Module, modules: list[nn.Module]):
-        self.denoiser, self.modules, self.weights = denoiser, modules, [m.weight for m in modules]
+        super().__init__(denoiser, modules)
         n = len(modules)
         self.captured: dict[int, torch.Tensor] = {}
         self.unit_min = [math.inf] * n
         self.unit_max = [-math.inf] * n
         self.macs = torch.zeros(n, dtype=torch.float64)
-        self.measure_macs = False
-        self.handles: list = []
 
-    def __enter__(self) -> _HessianHooks:
-        d = self.denoiser
-        self.was_training = d.training
-        self.saved = [(p, p.requires_grad) for p in d.parameters()]
-        d.eval()
-        for p in d.parameters():
-            p.requires_grad_(False)
-        for w in self.weights:
-            w.requires_grad_(True)
-        for i, m in enumerate(self.modules):
-            self.handles.append(m.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self.handles.append(m.register_forward_hook(self._post(i, _per_output_macs(m))))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        for p, flag in self.saved:
-            p.requires_grad_(flag)
-        self.denoiser.train(self.was_training)
+    def _on_exit(self) -> None:
         self.captured.clear()
 
-    def _pre(self, idx: int):
+    def _pre_hook(self, idx: int):
         def pre(module, args, kwargs):
             if not args or not isinstance(args[0], torch.Tensor):
                 return None
@@ -283,7 +262,7 @@ class _HessianHooks:
 
         return pre
 
-    def _post(self, idx: int, per_out: int):
+    def _post_hook(self, idx: int, per_out: int):
         def post(module, args, output):
             if self.measure_macs and isinstance(output, torch.Tensor):
                 self.macs[idx] += float(output[:1].numel()) * per_out

@@ -157,6 +157,56 @@ def _per_output_macs(module: nn.Module) -> int:
     return module.in_features
 
 
+class _LayerHooks:
+    """
+    Pre/post forward hooks on the selected layers for one profile (a context manager): on entry the model is put in
+    eval mode with only the selected weights requiring grad; on exit, also on error, the hooks are removed and the
+    training flag, `requires_grad` flags and `.grad` tensors restored. Subclasses give `_pre_hook(idx)` and
+    `_post_hook(idx, per_output_macs)`, and may clear their own state in `_on_exit`.
+    """
+
+    def __init__(self, denoiser: nn.Module, modules: list[nn.Module]):
+        self.denoiser, self.modules, self.weights = denoiser, modules, [m.weight for m in modules]
+        self.measure_macs = False
+        self.handles: list = []
+
+    def __enter__(self):
+        d = self.denoiser
+        self.was_training = d.training
+        self.saved_flags = [(p, p.requires_grad) for p in d.parameters()]
+        self.saved_grads = [(w, w.grad) for w in self.weights]
+        d.eval()
+        for p in d.parameters():
+            p.requires_grad_(False)
+        for w in self.weights:
+            w.requires_grad_(True)
+            w.grad = None
+        for i, m in enumerate(self.modules):
+            self.handles.append(m.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post_hook(i, _per_output_macs(m))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for p, flag in self.saved_flags:
+            p.requires_grad_(flag)
+        for w, g in self.saved_grads:
+            w.grad = g
+        self.denoiser.train(self.was_training)
+        self._on_exit()
+
+    def _on_exit(self) -> None:
+        pass
+
+    def _pre_hook(self, idx: int):
+        raise NotImplementedError
+
+    def _post_hook(self, idx: int, per_out: int):
+        raise NotImplementedError
+
+
 @dataclass
 class _ProfileSetup:
     """What every sensitivity estimator derives from its arguments (see `_profile_setup`)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -17,7 +16,7 @@ from tdq.eval.dist_calib import calibration_mode
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
-from test_distributed import _free_port  # noqa: E402
+from test_distributed import _launch_two_cpu_ranks  # noqa: E402
 
 CFG = {
     "model": {"name": "tiny-random", "source": "random", "sample_size": 16},
@@ -111,16 +110,8 @@ def _single(tmp_path, cfg) -> dict[str, torch.Tensor]:
 def test_sharded_calibration_equals_one_process(tmp_path):
     script = tmp_path / "calib.py"
     script.write_text(SCRIPT.format(root=os.path.dirname(TESTS)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(TESTS), env.get("PYTHONPATH")) if p)
     run_dir = tmp_path / "multi"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(script), json.dumps(CFG), str(run_dir),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _launch_two_cpu_ranks(script, json.dumps(CFG), str(run_dir), cwd=tmp_path, timeout=500)
     for rank, local in ((0, 4), (1, 2)):  # whole batches of 2: seeds 0-3 and 4-5
         sec = json.loads(open(f"{run_dir}.rank{rank}.json").read())
         assert sec["mode"] == "sharded" and sec["num_processes"] == 2 and sec["local_seeds"] == local, sec

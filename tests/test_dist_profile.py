@@ -27,7 +27,7 @@ from tdq.sampling import ConditionedForward, Conditioning
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
-from test_distributed import _free_port  # noqa: E402
+from test_distributed import _free_port, _launch_two_cpu_ranks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -267,17 +267,8 @@ def test_tdq_run_profile_sharded_under_accelerate(tmp_path, monkeypatch):
 
     script = tmp_path / "run_profile.py"
     script.write_text(RUN_SCRIPT.format(tests=TESTS, root=os.path.dirname(TESTS)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(TESTS), env.get("PYTHONPATH")) if p)
     out = tmp_path / "multi"
-    cmd = [
-        # as test_dist_calib: `--multi_gpu` (torchrun) starts two processes that become gloo CPU ranks
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(script), json.dumps(RUN_CFG), str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _launch_two_cpu_ranks(script, json.dumps(RUN_CFG), str(out), cwd=tmp_path, timeout=280)
 
     saved = {}
 

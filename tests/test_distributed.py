@@ -60,6 +60,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch_two_cpu_ranks(script, *args: str, cwd, timeout: float) -> subprocess.CompletedProcess:
+    """Run `script args...` as two gloo CPU ranks under `accelerate launch --multi_gpu` (torchrun), one thread each."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH")) if p
+    )
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(script), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
 class _FakeState:
     """Mimics accelerate's contiguous `split_between_processes` for `shard_batches`."""
 

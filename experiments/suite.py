@@ -138,6 +138,26 @@ class Row:
         return f"{self.model}__{self.name}"
 
 
+def _commit() -> str | None:
+    """The checkout's git commit (with `+dirty` when tracked files changed), `None` outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def _bits_of(name: str) -> tuple[int | None, int | None]:
     m = re.match(r"w(\d+)a(\d+)", name)
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
@@ -185,7 +205,13 @@ def build_rows(size: str, models: list[str], methods: list[str]) -> list[Row]:
                 if not any(r.name == uname for r in first):
                     node = _node(model, preset, quant=copy.deepcopy(extra)) if extra else _node(model, preset)
                     first.append(Row(model, uname, "tdq", budget, budget, node, buckets=10))
-                sched = {"avg_act_bits": float(budget), "avg_weight_bits": float(budget)}
+                # the budget is the uniform comparator's effective average (its boundary layers at 8-bit
+                # activations counted); the MILP keeps the same boundary layers at 8 bits (fixed cells)
+                sched = {
+                    "avg_act_bits": float(budget),
+                    "avg_weight_bits": float(budget),
+                    "match_uniform": True,
+                }
                 node = _node(model, MILP_BASE, "milp", schedule=sched)
                 first.append(
                     Row(model, f"milp-{budget}bit", "milp", budget, budget, node, buckets=10, planner="milp")
@@ -307,6 +333,9 @@ def collect(row: Row, run_dir: Path) -> dict[str, Any] | None:
     avg = sched.get("average_bits") or {}
     w_avg = float(avg["weight"]) if "weight" in avg else row.w_bits
     a_avg = float(avg["act"]) if "act" in avg else row.a_bits
+    eff = rep.get("effective_bits") or {}
+    env_path = run_dir / "suite_env.json"
+    row_env = json.loads(env_path.read_text()) if env_path.is_file() else None
     cond = rep.get("conditioning") or {}
     judge = cond.get("judge") or {}
     return {
@@ -321,10 +350,14 @@ def collect(row: Row, run_dir: Path) -> dict[str, Any] | None:
         "avg_weight_bits": w_avg,
         "avg_act_bits": a_avg,
         "avg_bits": None if w_avg is None or a_avg is None else (w_avg + a_avg) / 2,
+        "eff_weight_bits": eff.get("weight"),
+        "eff_act_bits": eff.get("act"),
+        "boundary_layers": sorted((rep.get("boundary_layers") or {}).get("roles") or {}),
         "calib_scheduler": row.calib_scheduler,
         "eval_scheduler": row.eval_scheduler,
         "num_samples": rep.get("num_samples"),
         "eval_seeds": rep.get("eval", {}).get("seeds"),
+        "env": row_env,
         "psnr": _mean_ci(psnr),
         "ssim": _mean_ci(ssim),
         "lpips_alex": _mean_ci(lp),
@@ -372,6 +405,8 @@ def _claim(kind: str, model: str, a: dict, b: dict, paired: bool, label: str) ->
         "fid_a": a["fid_to_fp"],
         "fid_b": b["fid_to_fp"],
         "fid_noise_floor": a["fid_noise_floor"],
+        "eff_bits_a": [a.get("eff_weight_bits"), a.get("eff_act_bits")],
+        "eff_bits_b": [b.get("eff_weight_bits"), b.get("eff_act_bits")],
     }
     if paired:
         out["delta_psnr"] = _paired(a, b, "psnr")
@@ -443,6 +478,13 @@ def _mci(d: dict | None, nd: int = 2) -> str:
     return f"{d['mean']:.{nd}f}" + (f" ({ci[0]:.{nd}f} – {ci[1]:.{nd}f})" if ci else "")
 
 
+def _wa(bits: list | None) -> str:
+    """`W / A` effective bits, 'n/a' where a row predates them."""
+    if not bits or bits[0] is None or bits[1] is None:
+        return "n/a"
+    return f"{bits[0]:.3f} / {bits[1]:.3f}"
+
+
 CSV_FIELDS = [
     "model",
     "row",
@@ -453,6 +495,8 @@ CSV_FIELDS = [
     "a_bits",
     "avg_weight_bits",
     "avg_act_bits",
+    "eff_weight_bits",
+    "eff_act_bits",
     "calib_scheduler",
     "eval_scheduler",
     "num_samples",
@@ -499,8 +543,13 @@ def write_markdown(result: dict, path: Path, stem: str) -> None:
         "means with 95 % bootstrap CIs over images. FID-to-FP (Inception pool3) is beside the noise floor: the FID "
         "between FP samples of the eval seeds and FP samples of other seeds (same counts), i.e. what an "
         "independent FP draw scores; with this few images FID is biased upwards, compare rows, not absolute values. "
-        "Drift: relative L2 distance of the quantized trajectory from the FP one at the last step. Average bits: "
-        "MAC-weighted (the planner's) for MILP rows, the preset's otherwise.",
+        "Drift: relative L2 distance of the quantized trajectory from the FP one at the last step. Nominal bits: "
+        "the planner's MAC-weighted average for MILP rows, the preset's otherwise. Effective bits: MAC-weighted "
+        "averages over every Conv/Linear layer as the model runs (`report.json['effective_bits']`: boundary layers "
+        "at 8-bit activations, fallbacks and float layers included); rows compared 'at the same bits' must match "
+        "there. MILP rows plan at their uniform comparator's effective bits (`schedule.match_uniform`), with the "
+        "boundary layers fixed at 8-bit activations as in the uniform run; 'n/a': a row run before effective bits "
+        "were reported.",
         "",
     ]
     cl = result.get("claims") or []
@@ -511,13 +560,14 @@ def write_markdown(result: dict, path: Path, stem: str) -> None:
             "Difference a − b of the per-image values on the same seeds (paired 95 % bootstrap CI); "
             "'vs DDIM-sampled' rows compare against a different FP reference (DDIM samples), so they are unpaired.",
             "",
-            "| model | claim | comparison | a | b | ΔPSNR a−b [dB] | ΔLPIPS a−b | FID a / b (floor) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | claim | comparison | a | b | eff. W / A bits a; b | ΔPSNR a−b [dB] | ΔLPIPS a−b | "
+            "FID a / b (floor) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for c in cl:
             lines.append(
                 f"| {c['model']} | {c['claim']} | {c['label']} | {c['a']} | {c['b']} | "
-                f"{_mci(c['delta_psnr'])} | {_mci(c['delta_lpips'], 4)} | "
+                f"{_wa(c.get('eff_bits_a'))}; {_wa(c.get('eff_bits_b'))} | {_mci(c['delta_psnr'])} | {_mci(c['delta_lpips'], 4)} | "
                 f"{_f(c['fid_a'], 1)} / {_f(c['fid_b'], 1)} ({_f(c['fid_noise_floor'], 1)}) |"
             )
         lines.append("")
@@ -527,14 +577,14 @@ def write_markdown(result: dict, path: Path, stem: str) -> None:
         lines += [
             f"## {model}",
             "",
-            "| row | method | W / A avg bits | buckets | calib → sample | PSNR to FP [dB] | LPIPS alex | "
-            "FID to FP (floor) | final drift |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| row | method | W / A nominal bits | W / A effective bits | buckets | calib → sample | PSNR to FP [dB] | "
+            "LPIPS alex | FID to FP (floor) | final drift |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(
                 f"| {r['row']} | {r['method']} | {_f(r['avg_weight_bits'], 2)} / {_f(r['avg_act_bits'], 2)} | "
-                f"{_f(r['buckets'])} | {r['calib_scheduler']} → {r['eval_scheduler']} | {_mci(r['psnr'])} | "
+                f"{_wa([r.get('eff_weight_bits'), r.get('eff_act_bits')])} | {_f(r['buckets'])} | {r['calib_scheduler']} → {r['eval_scheduler']} | {_mci(r['psnr'])} | "
                 f"{_mci(r['lpips_alex'], 4)} | {_f(r['fid_to_fp'], 1)} ({_f(r['fid_noise_floor'], 1)}) | "
                 f"{_f(r['final_drift'], 4)} |"
             )
@@ -649,6 +699,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list: tdq, static, milp, or names of the quantizer= config group",
     )
     ap.add_argument("--rows", default=None, help="comma list of row names to run (default all)")
+    ap.add_argument(
+        "--rerun",
+        default=None,
+        help="comma list of row names whose records in the JSON are dropped, so they run again (a row whose run "
+        "directory under --runs already holds report.json is read back: delete that folder to recompute it)",
+    )
     ap.add_argument("--bits", default=None, help="comma list of presets for tdq/static (default: the size's)")
     ap.add_argument("--budgets", default=None, help="comma list of MILP average bits (default: the size's)")
     ap.add_argument("--out", default=None, help="result stem (default experiments/results/suite[_<size>])")
@@ -681,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.runs) if args.runs else ROOT / "runs" / "suite" / size
     models = args.models.split(",") if args.models else SIZES[size]["models"]
     methods = args.methods.split(",")
-    rows = build_rows(size, models, methods)
+    rows = all_rows = build_rows(size, models, methods)
     if args.rows:
         wanted = set(args.rows.split(","))
         rows = [r for r in rows if r.name in wanted]
@@ -705,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         result["rows"] = old.get("rows", {})
         result["failed"] = old.get("failed", {})
+    if args.rerun:
+        again = set(args.rerun.split(","))
+        for key in [k for k, r in result["rows"].items() if r["row"] in again and r["model"] in models]:
+            del result["rows"][key]
     cmd = "python experiments/suite.py --size " + size + (f" --out {args.out}" if args.out else "")
     result["command"] = cmd
     result["env"] = env_info()
@@ -729,6 +789,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             err = multirun(part, size, runs)
             for r in part:
+                if (runs / r.key / "report.json").is_file():  # this row's own record of where and what ran it
+                    row_env = {**env_info(), "suite_commit": _commit(), "finished_utc": _utc_now()}
+                    (runs / r.key / "suite_env.json").write_text(json.dumps(row_env, indent=1))
                 rec = collect(r, runs / r.key)
                 if rec is None:
                     failed[r.key] = err or "no report.json"
@@ -737,10 +800,10 @@ def main(argv: list[str] | None = None) -> int:
                 result["rows"][r.key] = rec
                 failed.pop(r.key, None)
                 ran.append(r.key)
-            result["missing"] = [r.key for r in rows if r.key not in result["rows"]]
+            result["missing"] = [r.key for r in all_rows if r.key not in result["rows"]]
             write_all(result, stem)  # after every chunk: an interrupted run keeps what finished
     result["ran"] = ran
-    result["missing"] = [r.key for r in rows if r.key not in result["rows"]]
+    result["missing"] = [r.key for r in all_rows if r.key not in result["rows"]]
     write_all(result, stem)
     print(f"wrote {stem}.{{json,csv,md}}, {stem.name}_quality.png, {stem.name}_drift.png")
     if result["missing"]:

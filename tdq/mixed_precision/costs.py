@@ -8,7 +8,7 @@ bits >= 16: the input kept in floating point) runs a float matmul and counts `MA
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 
 from tdq.mixed_precision.schedule import FLOAT_BITS, PrecisionSchedule
 
-__all__ = ["schedule_costs"]
+__all__ = ["effective_average_bits", "schedule_costs"]
 
 
 def _vec(values: Any, n: int, name: str) -> np.ndarray:
@@ -79,3 +79,75 @@ def schedule_costs(
     else:
         out.update(weight_bytes=None, weight_bytes_fp32=None, weight_bytes_ratio=None)
     return out
+
+
+def effective_average_bits(
+    macs: Mapping[str, float],
+    act_bits: Mapping[str, Sequence[float] | float | None],
+    weight_bits: Mapping[str, float | None],
+    *,
+    bucket_weights: Sequence[float] | torch.Tensor | None = None,
+    float_bits: int = 32,
+) -> dict[str, Any]:
+    r"""
+    The bits a model really runs at: MAC-weighted average activation and weight bit-widths over *every* Conv/Linear
+    layer, whatever set them (a preset, a schedule, the boundary layers' `boundary_act_bits`, an outlier fallback,
+    an exclusion). Two runs compared "at the same bits" should have the same values here.
+
+    A layer's activation bits are averaged over its buckets (weighted by `bucket_weights` when it has that many
+    buckets, else equally); a cell of 16 or more bits counts 16 (`FLOAT_BITS`, as the planner counts a float cell);
+    a layer absent from `act_bits` / `weight_bits`, or given `None`, runs in floating point and counts `float_bits`.
+
+    Args:
+        macs (`Mapping[str, float]`): MACs of every Conv/Linear layer in one call (the denominator).
+        act_bits (`Mapping[str, Sequence[float] | float | None]`): per quantized layer, its input's bits per bucket
+            (or one value).
+        weight_bits (`Mapping[str, float | None]`): per quantized layer, its weight bits.
+        bucket_weights (`Sequence[float]`, *optional*): step occupancy of the buckets (counts or shares).
+        float_bits (`int`, *optional*, defaults to `32`): bits of an unquantized layer (the model's float dtype).
+
+    Returns:
+        `dict` with `act` and `weight` (the averages), `mac_share_float_act` / `mac_share_float_weight` (share of
+        MACs whose input / weights are not quantized), `float_bits` and `layers` (the count).
+    """
+    total = float(sum(macs.values()))
+    occ = None
+    if bucket_weights is not None:
+        occ = np.asarray(torch.as_tensor(bucket_weights).detach().cpu().double().numpy(), dtype=np.float64)
+        occ = occ.reshape(-1)
+        if not np.all(np.isfinite(occ)) or np.any(occ < 0) or occ.sum() <= 0:
+            raise ValueError(
+                f"bucket_weights must be finite, non-negative and not all zero, got {occ.tolist()}"
+            )
+    act_sum = w_sum = float_act = float_w = 0.0
+    for name, m in macs.items():
+        a = act_bits.get(name)
+        if a is None:
+            a_mean, float_act = float(float_bits), float_act + m
+        else:
+            v = np.minimum(np.asarray(a, dtype=np.float64).reshape(-1), FLOAT_BITS)
+            wk = occ if occ is not None and occ.shape[0] == v.shape[0] else np.ones(v.shape[0])
+            a_mean = float((v * wk).sum() / wk.sum())
+            float_act += m * float((wk * (v >= FLOAT_BITS)).sum() / wk.sum())
+        w = weight_bits.get(name)
+        if w is None:
+            w, float_w = float(float_bits), float_w + m
+        act_sum += m * a_mean
+        w_sum += m * min(float(w), float(float_bits))
+    if total <= 0:
+        return {
+            "act": None,
+            "weight": None,
+            "mac_share_float_act": None,
+            "mac_share_float_weight": None,
+            "float_bits": float_bits,
+            "layers": len(macs),
+        }
+    return {
+        "act": act_sum / total,
+        "weight": w_sum / total,
+        "mac_share_float_act": float_act / total,
+        "mac_share_float_weight": float_w / total,
+        "float_bits": float_bits,
+        "layers": len(macs),
+    }

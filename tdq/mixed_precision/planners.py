@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,6 +210,15 @@ class _Problem:
     budget: PrecisionBudget
     numel: np.ndarray | None  # [L]
     latency: np.ndarray | None  # [L, Ja, Jw] relative to the all-largest cost
+    # [L] activation candidate index of a fixed layer, -1 where the planner chooses
+    fixed: np.ndarray | None = None
+
+    def fix(self, a: np.ndarray) -> np.ndarray:
+        """`a` `[L, K]` with every fixed layer's cells set to its fixed candidate (in place; returned)."""
+        if self.fixed is not None:
+            rows = self.fixed >= 0
+            a[rows] = self.fixed[rows, None]
+        return a
 
     def objective(self, a: np.ndarray, w: np.ndarray) -> float:
         num_layers, k = a.shape
@@ -324,10 +333,18 @@ def _solve_milp(p: _Problem, mip_rel_gap: float, time_limit: float | None, joint
     rows, ubs, _ = _linear_rows(p, k, joint)
     if rows:
         constraints.append(LinearConstraint(np.stack(rows), -np.inf, np.asarray(ubs)))
+    upper = np.ones(c.size)
+    if p.fixed is not None and np.any(p.fixed >= 0):
+        # a fixed layer's (layer, bucket) cells may only take its fixed candidate
+        act_ub = np.ones(act_obj.shape)
+        for layer in np.nonzero(p.fixed >= 0)[0]:
+            act_ub[layer] = 0.0
+            act_ub[layer, :, p.fixed[layer]] = 1.0
+        upper[n_y:] = act_ub.ravel()
     res = milp(
         c,
         integrality=np.ones(c.size),
-        bounds=Bounds(0.0, 1.0),
+        bounds=Bounds(0.0, upper),
         constraints=constraints,
         options={"mip_rel_gap": mip_rel_gap, **({"time_limit": time_limit} if time_limit else {})},
     )
@@ -352,7 +369,8 @@ def _repair(p: _Problem, a: np.ndarray, w: np.ndarray) -> int:
             return steps
         before = p.rows(a, w)
         best, best_ratio = None, math.inf
-        moves = [("a", idx) for idx in zip(*np.nonzero(a > 0), strict=True)]
+        free = np.ones(a.shape, bool) if p.fixed is None else (p.fixed < 0)[:, None].repeat(a.shape[1], 1)
+        moves = [("a", idx) for idx in zip(*np.nonzero((a > 0) & free), strict=True)]
         moves += [("w", (i,)) for i in np.nonzero(w > 0)[0]]
         for kind, idx in moves:
             a2, w2 = a.copy(), w.copy()
@@ -371,11 +389,14 @@ def _repair(p: _Problem, a: np.ndarray, w: np.ndarray) -> int:
 
 
 def _best_uniform(p: _Problem, num_layers: int, k: int) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """The feasible uniform (act bits, weight bits) pair of least objective, or `None` if none is feasible."""
+    """
+    The feasible uniform (act bits, weight bits) pair of least objective (fixed layers keep their bits), or `None` if
+    none is feasible.
+    """
     best = None
     for ja in range(len(p.act_cands)):
         for jw in range(len(p.w_cands)):
-            a = np.full((num_layers, k), ja, dtype=np.int64)
+            a = p.fix(np.full((num_layers, k), ja, dtype=np.int64))
             w = np.full(num_layers, jw, dtype=np.int64)
             if p.violated(a, w):
                 continue
@@ -389,9 +410,10 @@ def _infeasible_message(p: _Problem, name: str, value: float) -> str:
     bound = getattr(p.budget, name)
     if name == "avg_act_bits":
         b = int(p.act_cands.min())
+        fixed = "" if p.fixed is None or not np.any(p.fixed >= 0) else ", fixed layers at their fixed bits"
         return (
             f"the activation budget of {bound:g} average bits is infeasible: the minimum achievable MAC-weighted "
-            f"average is {value:g} bits (every layer at the smallest candidate {b})"
+            f"average is {value:g} bits (every layer at the smallest candidate {b}{fixed})"
         )
     if name == "avg_weight_bits":
         b = int(p.w_cands.min())
@@ -427,28 +449,60 @@ def _check_profile(profile: SensitivityProfile) -> tuple[int, int]:
     return num_layers, k
 
 
-def plan_uniform(profile: SensitivityProfile, act_bits: int = 8, weight_bits: int = 8) -> PrecisionSchedule:
+def _fixed_rows(profile: SensitivityProfile, fixed_act_bits: Mapping[str, int] | None) -> dict[int, int]:
+    """Layer index -> fixed activation bits, checked against the profile's layers."""
+    if not fixed_act_bits:
+        return {}
+    index = {n: i for i, n in enumerate(profile.layers)}
+    unknown = sorted(set(fixed_act_bits) - set(index))
+    if unknown:
+        raise ValueError(f"fixed_act_bits names layers the profile does not have: {unknown[:5]}")
+    out = {}
+    for name, bits in fixed_act_bits.items():
+        if int(bits) != bits or int(bits) not in ACT_BITS:
+            raise ValueError(
+                f"fixed_act_bits[{name!r}]={bits!r} is not a supported bit-width {list(ACT_BITS)}"
+            )
+        out[index[name]] = int(bits)
+    return out
+
+
+def plan_uniform(
+    profile: SensitivityProfile,
+    act_bits: int = 8,
+    weight_bits: int = 8,
+    *,
+    fixed_act_bits: Mapping[str, int] | None = None,
+) -> PrecisionSchedule:
     r"""
-    The baseline: the same bit-widths for every layer and bucket.
+    The baseline: the same bit-widths for every layer and bucket (but the fixed layers).
 
     Args:
         profile (`SensitivityProfile`): supplies the layers, grid and MACs (and the objective reported in `meta`).
         act_bits (`int`, *optional*, defaults to `8`): activation bit-width.
         weight_bits (`int`, *optional*, defaults to `8`): weight bit-width.
+        fixed_act_bits (`Mapping[str, int]`, *optional*): layers whose activations keep the given bits in every
+            bucket instead of `act_bits` (the boundary layers of a run: `TDQConfig.boundary_act_bits`), as a uniform
+            `tdq run` quantizes them. Its `meta["achieved"]` is then the uniform run's effective average.
 
     Returns:
         `PrecisionSchedule` with `meta["planner"] == "uniform"`.
     """
     num_layers, k = _check_profile(profile)
+    fixed = _fixed_rows(profile, fixed_act_bits)
+    act = torch.full((num_layers, k), int(act_bits), dtype=torch.long)
+    for i, bits in fixed.items():
+        act[i] = bits
     sched = PrecisionSchedule(
         layers=list(profile.layers),
-        act_bits=torch.full((num_layers, k), int(act_bits), dtype=torch.long),
+        act_bits=act,
         weight_bits=torch.full((num_layers,), int(weight_bits), dtype=torch.long),
         grid=dict(profile.grid),
         meta={
             "planner": "uniform",
             "macs": _np(profile.macs).tolist(),
             "bucket_weights": profile.meta.get("bucket_weights"),
+            "fixed_act_bits": {profile.layers[i]: b for i, b in fixed.items()},
         },
     )
     terms = schedule_objective(profile, sched, split=True)
@@ -467,6 +521,7 @@ def plan_precision(
     bucket_weights: Sequence[float] | torch.Tensor | None = None,
     weight_numel: Sequence[int] | torch.Tensor | None = None,
     latency_table: np.ndarray | None = None,
+    fixed_act_bits: Mapping[str, int] | None = None,
 ) -> PrecisionSchedule:
     r"""
     Fisher-optimal mixed precision under average-bits, weight-memory and latency budgets.
@@ -507,6 +562,11 @@ def plan_precision(
         latency_table (`np.ndarray` of shape `[L, len(act_candidates), len(weight_candidates)]`, *optional*):
             Cost of one call of each layer at each (activation, weight) candidate pair, for
             `budget.max_relative_latency`. Defaults to `bops_cost_table` (MACs × bits, a model, not a measurement).
+        fixed_act_bits (`Mapping[str, int]`, *optional*):
+            Layers whose activation bits the planner does not choose: they keep the given bits (one of
+            `budget.act_candidates`) in every bucket and still count in every budget row, as they do in a uniform run
+            (`tdq run` passes its boundary layers at `TDQConfig.boundary_act_bits` here). The uniform fallback keeps
+            them fixed too. Their weight bits are planned as any other layer's.
 
     Returns:
         `PrecisionSchedule` with `meta` holding the planner name, budget, objective value (total, activation and
@@ -522,6 +582,15 @@ def plan_precision(
     act_cands = np.asarray(budget.act_candidates, dtype=np.int64)
     w_cands = np.asarray(budget.weight_candidates, dtype=np.int64)
     act_cost, w_cost = _cost_tables(profile, act_cands, w_cands)
+    fixed_bits = _fixed_rows(profile, fixed_act_bits)
+    fixed = np.full(num_layers, -1, dtype=np.int64)
+    for i, bits in fixed_bits.items():
+        if bits not in budget.act_candidates:
+            raise ValueError(
+                f"fixed_act_bits[{profile.layers[i]!r}]={bits} is not one of act_candidates "
+                f"{list(budget.act_candidates)}"
+            )
+        fixed[i] = int(np.nonzero(act_cands == bits)[0][0])
     share = _mac_weights(profile.macs, num_layers)
     occ = bucket_occupancy(profile, bucket_weights)
     numel = None
@@ -561,13 +630,14 @@ def plan_precision(
         budget,
         numel,
         latency,
+        fixed,
     )
 
-    low_a, low_w = np.zeros((num_layers, k), dtype=np.int64), np.zeros(num_layers, dtype=np.int64)
+    low_a, low_w = p.fix(np.zeros((num_layers, k), dtype=np.int64)), np.zeros(num_layers, dtype=np.int64)
     for name, value in p.rows(low_a, low_w).items():
         if name in p.violated(low_a, low_w):
             raise ValueError(_infeasible_message(p, name, value))
-    top_a = np.full((num_layers, k), len(act_cands) - 1, dtype=np.int64)
+    top_a = p.fix(np.full((num_layers, k), len(act_cands) - 1, dtype=np.int64))
     top_w = np.full(num_layers, len(w_cands) - 1, dtype=np.int64)
     fallback = None
     if num_layers == 0 or not p.violated(top_a, top_w):
@@ -608,9 +678,10 @@ def plan_precision(
                 info["uniform_better"] = True
             else:
                 a, w = uni[0], uni[1]
+                free = np.nonzero(fixed < 0)[0]
                 fallback = {
                     "to": "uniform",
-                    "act_bits": int(act_cands[a[0, 0]]) if a.size else None,
+                    "act_bits": int(act_cands[a[free[0], 0]]) if free.size and a.size else None,
                     "weight_bits": int(w_cands[w[0]]) if w.size else None,
                     "reason": reason,
                 }
@@ -632,6 +703,7 @@ def plan_precision(
             "solver": info,
             "fallback": fallback,
             "budget_rows": p.rows(a, w),
+            "fixed_act_bits": {profile.layers[i]: b for i, b in fixed_bits.items()},
         },
     )
     if latency_source is not None:

@@ -51,6 +51,11 @@ class ScheduleConfig:
         float_fallback (`bool`, *optional*, defaults to `False`): let the MILP planner keep a (layer, bucket)'s input
             in float (a 16-bit candidate: 16 bits in the average, MACs × 32 × 32 BOPs), listed in the report as
             `schedule.float_cells`.
+        match_uniform (`bool`, *optional*, defaults to `False`): read `avg_weight_bits` / `avg_act_bits` as a uniform
+            `W{w}A{a}` (integers) and give the MILP that uniform run's *effective* averages as its budget: its
+            boundary layers at `quant.boundary_act_bits` counted, so the two runs compare at equal effective bits.
+            Either way the planner keeps the boundary layers at `boundary_act_bits` (fixed cells, counted in the
+            budget) and every run reports its effective bits (`report.json["effective_bits"]`).
     """
 
     planner: str = "milp"
@@ -66,6 +71,7 @@ class ScheduleConfig:
     occupancy: bool = True
     uniform_fallback: bool = True
     float_fallback: bool = False
+    match_uniform: bool = False
 
     def validate(self, prefix: str = "schedule") -> None:
         """Raise `ConfigError` naming the first field that is not allowed."""
@@ -94,6 +100,14 @@ class ScheduleConfig:
         check_field(self.occupancy, f"{prefix}.occupancy", "bool")
         check_field(self.uniform_fallback, f"{prefix}.uniform_fallback", "bool")
         check_field(self.float_fallback, f"{prefix}.float_fallback", "bool")
+        check_field(self.match_uniform, f"{prefix}.match_uniform", "bool")
+        if self.match_uniform and self.planner == "milp":
+            for name in ("avg_act_bits", "avg_weight_bits"):
+                if float(getattr(self, name)) != int(getattr(self, name)):
+                    raise ConfigError(
+                        f"{prefix}.{name}={getattr(self, name)!r}: with {prefix}.match_uniform it names a uniform "
+                        "bit-width and must be an integer"
+                    )
 
 
 @dataclass

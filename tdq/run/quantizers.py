@@ -47,6 +47,7 @@ __all__ = [
     "QuantizerEntry",
     "QuantizerUnavailableError",
     "available_quantizers",
+    "effective_bits",
     "get_quantizer",
     "layer_macs",
     "quantized_layers",
@@ -485,6 +486,49 @@ def mac_report(macs: dict[str, int], quantized: dict[str, dict[str, Any]]) -> di
         "quantized_as": hows,
         "layers_not_quantized": [n for n in macs if n not in quantized],
     }
+
+
+def effective_bits(model: nn.Module, macs: dict[str, int], bucket_weights: Any = None) -> dict[str, Any]:
+    r"""
+    The report's `effective_bits`: MAC-weighted average activation and weight bits of every Conv/Linear layer of a
+    model quantized by tdq, as it will run (boundary layers raised, outlier fallbacks, schedules and exclusions
+    included; see [`~tdq.mixed_precision.costs.effective_average_bits`]).
+
+    Args:
+        model (`nn.Module`): the quantized denoiser (after calibration).
+        macs (`dict[str, int]`): from [`layer_macs`] (float model).
+        bucket_weights (`Sequence[float]`, *optional*): the evaluation sampler's step occupancy of the buckets.
+
+    Returns:
+        `dict`: `act`, `weight`, float MAC shares, `float_bits` and `layers`.
+    """
+    from tdq.mixed_precision.costs import effective_average_bits
+    from tdq.quant.modules import QuantMixin
+
+    modules = dict(model.named_modules())
+    act: dict[str, Any] = {}
+    weight: dict[str, Any] = {}
+    float_bits = 32
+    for name in macs:
+        m = modules.get(name)
+        if m is None:
+            continue
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            float_bits = torch.finfo(w.dtype).bits
+        if not isinstance(m, QuantMixin):
+            continue
+        wq, aq = m.weight_quantizer, m.act_quantizer
+        if wq.spec.enabled and int(wq.bits.max()) < 16:
+            weight[name] = float(wq.bits.float().mean())
+        if aq.spec.enabled and getattr(aq, "mode", "on") != "off":
+            act[name] = aq.bits.reshape(-1).tolist()
+    out = effective_average_bits(macs, act, weight, bucket_weights=bucket_weights, float_bits=float_bits)
+    out["counted"] = (
+        "every Conv/Linear layer, MAC-weighted (one FP call); buckets by the evaluation sampler's step occupancy; "
+        "activation cells >= 16 bits count 16, unquantized layers count the float dtype's bits"
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

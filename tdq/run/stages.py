@@ -306,10 +306,39 @@ def _eval_step_timesteps(ctx: RunContext) -> torch.Tensor:
     return torch.as_tensor(scheduler.timesteps, dtype=torch.float64)
 
 
+def planner_boundary_layers(ctx: RunContext) -> dict[str, int]:
+    r"""
+    The boundary layers of the FP denoiser (`tdq.boundary.find_boundary_layers` on one recorded FP call, the rule
+    calibration's `convert` applies), as the planner's fixed cells: layer -> `quant.boundary_act_bits`. Empty when
+    `boundary_act_bits` is unset or every profiled layer is a boundary layer (then none is raised either).
+    """
+    from tdq.boundary import find_boundary_layers
+
+    target = ctx.cfg.quant.boundary_act_bits
+    if not target or ctx.profile is None:
+        return {}
+    if ctx.fp_call is None:
+        quantizers.measure_fp_macs(ctx)
+    modules = dict(ctx.model.denoiser.named_modules())
+    layers = {n: modules[n] for n in ctx.profile.layers if n in modules}
+    try:
+        roles = find_boundary_layers(ctx.model.denoiser, ctx.fp_call["args"], ctx.fp_call["kwargs"], layers)
+    except ValueError:  # no sample tensor in the call: calibration raises none either
+        return {}
+    if len(roles) == len(layers):
+        return {}
+    return {n: int(target) for n in roles}
+
+
 def plan(ctx: RunContext) -> None:
     """
     The precision schedule from the profile (`schedule.planner`: `milp` or `uniform`); the main process's schedule
     is broadcast, so every process applies the same one whatever float noise did to the MILP.
+
+    Boundary layers (`quant.boundary_act_bits`) are fixed cells of the plan: they keep that many activation bits, as
+    in a run without a schedule, and count in the average-bits budget (`planner_boundary_layers`). With
+    `schedule.match_uniform` the budget is the effective average of uniform `W{avg_weight_bits}A{avg_act_bits}`
+    with the same boundary layers, i.e. the bits the uniform run really has.
     """
     from tdq.mixed_precision.planners import PrecisionBudget, plan_precision, plan_uniform
 
@@ -318,20 +347,37 @@ def plan(ctx: RunContext) -> None:
         return
     with ctx.timer("plan"):
         sc = cfg.schedule
+        fixed = planner_boundary_layers(ctx)
         if sc.planner == "milp":
+            avg_act, avg_w = sc.avg_act_bits, sc.avg_weight_bits
+            if sc.match_uniform:
+                uni = plan_uniform(
+                    ctx.profile, act_bits=int(avg_act), weight_bits=int(avg_w), fixed_act_bits=fixed
+                ).meta["achieved"]
+                avg_act, avg_w = uni["act"], uni["weight"]
             budget = PrecisionBudget(
-                avg_act_bits=sc.avg_act_bits,
-                avg_weight_bits=sc.avg_weight_bits,
+                avg_act_bits=avg_act,
+                avg_weight_bits=avg_w,
                 act_candidates=tuple(sc.act_candidates),
                 weight_candidates=tuple(sc.weight_candidates),
                 max_weight_bytes=sc.max_weight_bytes,
                 max_relative_latency=sc.max_relative_latency,
                 float_fallback=sc.float_fallback,
             )
-            schedule = plan_precision(ctx.profile, budget, uniform_fallback=sc.uniform_fallback)
+            schedule = plan_precision(
+                ctx.profile, budget, uniform_fallback=sc.uniform_fallback, fixed_act_bits=fixed
+            )
+            if sc.match_uniform:
+                schedule.meta["match_uniform"] = {
+                    "w_bits": int(sc.avg_weight_bits),
+                    "a_bits": int(sc.avg_act_bits),
+                }
         elif sc.planner == "uniform":
             schedule = plan_uniform(
-                ctx.profile, act_bits=cfg.quant.activation.bits, weight_bits=cfg.quant.weight.bits
+                ctx.profile,
+                act_bits=cfg.quant.activation.bits,
+                weight_bits=cfg.quant.weight.bits,
+                fixed_act_bits=fixed,
             )
         else:
             raise ValueError(f"schedule.planner={sc.planner!r} is unknown; choose milp, uniform or none")
@@ -421,6 +467,21 @@ def calibrate(ctx: RunContext) -> None:
     ctx.sections["quantizer"] = quantizers.quantizer_section(
         ctx, quantizers.get_quantizer("tdq"), {"schedule": planner}
     )
+    ctx.sections["effective_bits"] = quantizers.effective_bits(
+        ctx.model.denoiser, ctx.layer_macs or {}, _eval_occupancy(ctx)
+    )
+
+
+def _eval_occupancy(ctx: RunContext) -> list[float] | None:
+    """The evaluation sampler's step occupancy of the quantization grid's buckets (`None` if it cannot be had)."""
+    from tdq.mixed_precision.fisher import _occupancy_weights
+
+    state = tdq.get_quantization(ctx.model.denoiser)
+    try:
+        occ = _occupancy_weights(state.grid, _eval_step_timesteps(ctx), state.adapter)
+    except (AttributeError, ValueError):  # a quantizer without a grid / a sampler without integer timesteps
+        return None
+    return None if occ is None else occ.tolist()
 
 
 def _finetune_qat(ctx: RunContext) -> dict[str, Any]:

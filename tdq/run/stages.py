@@ -451,6 +451,8 @@ def calibrate(ctx: RunContext) -> None:
         "boundary_act_bits": ctx.cfg.quant.boundary_act_bits,
         "raised": sorted(n for n, d in boundary.items() if d["bits_before"] != d["bits_after"]),
         "roles": {n: d["role"] for n, d in boundary.items()},
+        # held at boundary_act_bits by the planner (fixed cells of the schedule, counted in its budget)
+        "fixed_by_planner": sorted((ctx.schedule.meta.get("fixed_act_bits") or {}) if ctx.schedule else []),
     }
     ctx.sections["calibration_distribution"] = {
         "mode": mode,

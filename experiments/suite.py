@@ -88,7 +88,11 @@ SIZES: dict[str, dict[str, Any]] = {
         # samplers other than DDIM: calibrated with DDIM vs on themselves
         "schedulers": ["dpmsolver"],
         "claim_preset": "w8a8",
-        "chunk": 0,  # all rows in one multirun
+        # MILP rows and their uniform comparators: the full size's profile (8 samples per bucket: the same plan as
+        # the full size, checked) and sampler steps. Measured with that plan on 8 seeds: MILP - W6A6 = +5.4 dB
+        # (CI 3.7 - 7.2) at 10 DDIM steps but -2.7 dB (CI -4.9 - -0.8) at 20, the full size's sign (-1.4 dB).
+        "milp_overrides": {"schedule.samples_per_bucket": 8, "eval.num_inference_steps": 20},
+        "chunk": 0,  # all rows in one multirun (one per set of row overrides)
     },
     "full": {
         "models": ["mnist-ddpm", "mnist-t2i", "mnist-dit"],
@@ -133,6 +137,8 @@ class Row:
     buckets: int | None = None
     planner: str = "none"
     tags: list[str] = field(default_factory=list)
+    #: Hydra overrides of this row that replace the size's (e.g. the smoke size's MILP rows: more sampler steps)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -203,9 +209,14 @@ def build_rows(size: str, models: list[str], methods: list[str]) -> list[Row]:
             for budget in spec["budgets"]:
                 preset, extra = UNIFORM_AT[budget]
                 uname = f"w{budget}a{budget}"
+                milp_ov = dict(spec.get("milp_overrides") or {})
                 if not any(r.name == uname for r in first):
                     node = _node(model, preset, quant=copy.deepcopy(extra)) if extra else _node(model, preset)
-                    first.append(Row(model, uname, "tdq", budget, budget, node, buckets=10))
+                    first.append(
+                        Row(model, uname, "tdq", budget, budget, node, buckets=10, overrides=milp_ov)
+                    )
+                else:
+                    next(r for r in first if r.name == uname).overrides = milp_ov
                 # the budget is the uniform comparator's effective average (its boundary layers at 8-bit
                 # activations counted); the MILP keeps the same boundary layers at 8 bits (fixed cells)
                 sched = {
@@ -215,7 +226,17 @@ def build_rows(size: str, models: list[str], methods: list[str]) -> list[Row]:
                 }
                 node = _node(model, MILP_BASE, "milp", schedule=sched)
                 first.append(
-                    Row(model, f"milp-{budget}bit", "milp", budget, budget, node, buckets=10, planner="milp")
+                    Row(
+                        model,
+                        f"milp-{budget}bit",
+                        "milp",
+                        budget,
+                        budget,
+                        node,
+                        buckets=10,
+                        planner="milp",
+                        overrides=milp_ov,
+                    )
                 )
         # one calibration, other samplers (timestep-aware, the claim preset)
         if "tdq" in methods:
@@ -260,9 +281,9 @@ def _fmt_override(k: str, v: Any) -> str:
     return f"{k}={v}"
 
 
-def common_overrides(size: str) -> list[str]:
-    """Hydra overrides shared by every row of a size."""
-    ov = {**SIZES[size]["overrides"], **FIXED_OVERRIDES}
+def common_overrides(size: str, row_overrides: dict[str, Any] | None = None) -> list[str]:
+    """Hydra overrides shared by every row of a size, with a row's own ones replacing them."""
+    ov = {**SIZES[size]["overrides"], **FIXED_OVERRIDES, **(row_overrides or {})}
     return [_fmt_override(k, v) for k, v in ov.items()]
 
 
@@ -280,7 +301,7 @@ def register_rows(rows: list[Row]) -> None:
 
 
 def multirun(rows: list[Row], size: str, runs: Path) -> str | None:
-    """`tdq run -m +suite=<rows> ...` in this process; returns an error message or `None`."""
+    """`tdq run -m +suite=<rows> ...` in this process (rows of the same overrides); an error message or `None`."""
     from hydra.core.global_hydra import GlobalHydra
 
     from tdq.run.cli import main as tdq_main
@@ -290,7 +311,7 @@ def multirun(rows: list[Row], size: str, runs: Path) -> str | None:
         "run",
         "-m",
         "+suite=" + ",".join(r.key for r in rows),
-        *common_overrides(size),
+        *common_overrides(size, rows[0].overrides),
         f"hydra.sweep.dir={runs}",
         "hydra.sweep.subdir=${hydra:runtime.choices.suite}",
     ]
@@ -375,6 +396,7 @@ def collect(row: Row, run_dir: Path) -> dict[str, Any] | None:
         "timings_s": rep.get("timings_s"),
         "run_dir": str(run_dir),
         "config": {k: v for k, v in row.node.items() if k != "defaults"},
+        "row_overrides": dict(row.overrides),
         "presets": [d for d in row.node.get("defaults", []) if isinstance(d, dict)],
     }
 
@@ -550,7 +572,12 @@ def write_markdown(result: dict, path: Path, stem: str) -> None:
         "at 8-bit activations, fallbacks and float layers included); rows compared 'at the same bits' must match "
         "there. MILP rows plan at their uniform comparator's effective bits (`schedule.match_uniform`), with the "
         "boundary layers fixed at 8-bit activations as in the uniform run; 'n/a': a row run before effective bits "
-        "were reported.",
+        "were reported."
+        + (
+            f" MILP rows and their uniform comparators run with {st['milp_overrides']} instead."
+            if st.get("milp_overrides")
+            else ""
+        ),
         "",
     ]
     cl = result.get("claims") or []
@@ -753,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         "calibration_seed": CalibrationConfig().seed,
         "noise_floor_seed": EvalConfig().noise_floor_seed,
     }
+    if SIZES[size].get("milp_overrides"):
+        settings["milp_overrides"] = SIZES[size]["milp_overrides"]
     json_path = stem.with_suffix(".json")
     result: dict[str, Any] = {"size": size, "settings": settings, "rows": {}}
     if json_path.is_file():
@@ -784,10 +813,15 @@ def main(argv: list[str] | None = None) -> int:
                 result["rows"][r.key] = rec
                 continue
             todo.append(r)
-        chunk = SIZES[size]["chunk"] or max(1, len(todo))
         print(f"suite {size}: {len(rows)} rows, {len(rows) - len(todo)} done, {len(todo)} to run", flush=True)
-        for i in range(0, len(todo), chunk):
-            part = todo[i : i + chunk]
+        groups: dict[str, list[Row]] = {}  # one multirun per set of row overrides
+        for r in todo:
+            groups.setdefault(json.dumps(r.overrides, sort_keys=True), []).append(r)
+        parts = []
+        for group in groups.values():
+            chunk = SIZES[size]["chunk"] or max(1, len(group))
+            parts += [group[i : i + chunk] for i in range(0, len(group), chunk)]
+        for part in parts:
             t0 = time.perf_counter()
             err = multirun(part, size, runs)
             for r in part:

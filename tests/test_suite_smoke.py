@@ -1,8 +1,8 @@
 """The experiment suite at its smoke size (CI): `experiments/suite.py --size smoke` on the bundled mnist-ddpm.
 
-One run of the suite (ten `tdq run` jobs of a Hydra multirun: W8A8 and W8A6 timestep-aware and static, W6A6 / W7A7
-uniform and MILP at their effective bits, W8A8 calibrated with DDIM or DPM-Solver and sampled with DPM-Solver) feeds
-every test here: the tables and plots it writes, resume, and the signs of the README's claims on the same seeds
+One run of the suite (ten `tdq run` jobs of two Hydra multiruns: W8A8 and W8A6 timestep-aware and static, W8A8
+calibrated with DDIM or DPM-Solver and sampled with DPM-Solver; W6A6 / W7A7 uniform and MILP at their effective bits
+with the full size's profile and 20 sampler steps) feeds every test here: the tables and plots it writes, resume, and the signs of the README's claims on the same seeds
 (paired). `test_readme_quotes_the_full_suite` holds the README's headline table to `experiments/results/suite.json`.
 """
 
@@ -75,7 +75,8 @@ def test_smoke_suite_writes_tables_plots_and_per_image_values(smoke):
         lo, hi = r["psnr"]["ci95"]
         assert lo <= r["psnr"]["mean"] <= hi
         assert r["fid_to_fp"] is not None and r["fid_noise_floor"] is not None
-        assert len(r["drift"]) == result["settings"]["overrides"]["eval.num_inference_steps"]
+        steps = {**result["settings"]["overrides"], **r["row_overrides"]}["eval.num_inference_steps"]
+        assert len(r["drift"]) == steps
     assert result["env"]["cpu_capability"] and result["env"]["torch"]
     md = (out / "suite.md").read_text()
     for name in ROWS:
@@ -125,23 +126,26 @@ def _effective_bits_match(out, result, milp_row, uniform_row, bits):
 
 
 @pytest.mark.timeout(900)
-def test_milp_beats_uniform_at_6_effective_bits(smoke):
+def test_milp_loses_to_uniform_at_6_effective_bits(smoke):
+    """The README's 6-bit row: at W6A6's effective bits (boundary layers at 8 in both) the Fisher/MILP plan scores
+    *below* uniform W6A6 (full size -1.38 dB, CI -2.26 to -0.49; this size, 20 steps: -2.7 dB, CI -4.9 to -0.8).
+    Fails if the MILP stops losing, e.g. at 10 sampler steps (+5.4 dB with the same plan)."""
     out, result = smoke
     _effective_bits_match(out, result, "milp-6bit", "w6a6", 6)
     c = _claim(result, "MILP > uniform", "w6a6")
-    assert c["delta_psnr"]["ci95"][0] > 0, c
-    assert c["delta_lpips"]["mean"] < 0, c
+    assert c["delta_psnr"]["ci95"][1] < 0, c
+    assert c["delta_lpips"]["mean"] > 0, c
 
 
 @pytest.mark.timeout(900)
-def test_milp_loses_to_uniform_at_7_effective_bits(smoke):
-    """The README's 7-bit row: with candidates 4/6/8 the Fisher plan scores below uniform W7A7 (measured: smoke
-    -6.2 dB, full size see the README); fails if the MILP stops losing."""
+def test_milp_beats_uniform_at_7_effective_bits(smoke):
+    """The README's 7-bit row: the MILP beats uniform W7A7 at W7A7's effective bits (full size +2.27 dB, CI 1.07 to
+    3.48). With 8 seeds the CI spans zero (+4.0 dB, CI -1.6 to 9.9), so this holds the sign of the means."""
     out, result = smoke
     _effective_bits_match(out, result, "milp-7bit", "w7a7", 7)
     c = _claim(result, "MILP > uniform", "w7a7")
-    assert c["delta_psnr"]["ci95"][1] < 0, c
-    assert c["delta_lpips"]["mean"] > 0, c
+    assert c["delta_psnr"]["mean"] > 0, c
+    assert c["delta_lpips"]["mean"] < 0, c
 
 
 @pytest.mark.timeout(900)

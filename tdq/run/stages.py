@@ -398,7 +398,8 @@ def quantize(ctx: RunContext) -> None:
     FP denoiser's Conv/Linear layers on one real call (the report's `quantizer` section).
     """
     m = ctx.model
-    quantizers.measure_fp_macs(ctx)
+    if ctx.layer_macs is None:  # stage `plan` may have measured them (finding the boundary layers)
+        quantizers.measure_fp_macs(ctx)
     if not quantizers.uses_tdq_stages(ctx):
         quantizers.apply_quantizer(ctx)
         return

@@ -792,14 +792,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         result["rows"] = old.get("rows", {})
         result["failed"] = old.get("failed", {})
+        if args.tables_only:  # a rewrite of the tables keeps the record of the machine and rows that ran them
+            result["env"], result["ran"] = old.get("env"), old.get("ran", [])
     if args.rerun:
         again = set(args.rerun.split(","))
         for key in [k for k, r in result["rows"].items() if r["row"] in again and r["model"] in models]:
             del result["rows"][key]
     cmd = "python experiments/suite.py --size " + size + (f" --out {args.out}" if args.out else "")
     result["command"] = cmd
-    result["env"] = env_info()
-    result["env"]["hydra"] = __import__("hydra").__version__
+    if not (args.tables_only and result.get("env")):
+        result["env"] = env_info()
+        result["env"]["hydra"] = __import__("hydra").__version__
     failed: dict[str, str] = result.setdefault("failed", {})
     ran: list[str] = []
 
@@ -838,7 +841,8 @@ def main(argv: list[str] | None = None) -> int:
                 ran.append(r.key)
             result["missing"] = [r.key for r in all_rows if r.key not in result["rows"]]
             write_all(result, stem)  # after every chunk: an interrupted run keeps what finished
-    result["ran"] = ran
+    if not args.tables_only:
+        result["ran"] = ran
     result["missing"] = [r.key for r in all_rows if r.key not in result["rows"]]
     write_all(result, stem)
     print(f"wrote {stem}.{{json,csv,md}}, {stem.name}_quality.png, {stem.name}_drift.png")

@@ -286,3 +286,26 @@ def test_tdq_run_profile_sharded_under_accelerate(tmp_path, monkeypatch):
         got = load_file(f"{out}.rank{rank}.safetensors")
         for f in FIELDS:
             assert torch.equal(got[f], saved[f]), (rank, f)
+
+
+def test_readme_quotes_the_measured_profile_sharding():
+    """The README's sharding numbers are `experiments/results/dist_profile.json`'s: a median 2-process / 1-process
+    wall-time ratio below 1 and a bit-equal profile in every pair (the benchmark measures, this test only reads)."""
+    import re
+    from pathlib import Path
+
+    root = Path(TESTS).parent
+    res = json.loads((root / "experiments" / "results" / "dist_profile.json").read_text())
+    assert res["bit_equal"] and all(e["equal"] for e in res["equality"])
+    assert res["median_ratio"] < 1.0
+    ratios = sorted(p["ratio"] for p in res["pairs"])
+    readme = (root / "README.md").read_text()
+    m = re.search(
+        r"two processes took (\d\.\d\d)× the single-process\s+wall time \(median of (\d+) interleaved "
+        r"pairs, (\d\.\d\d)–(\d\.\d\d)",
+        readme,
+    )
+    assert m, "README's sharded-profiling sentence not found"
+    assert float(m.group(1)) == round(res["median_ratio"], 2)
+    assert int(m.group(2)) == len(res["pairs"])
+    assert (float(m.group(3)), float(m.group(4))) == (round(ratios[0], 2), round(ratios[-1], 2))

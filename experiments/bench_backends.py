@@ -13,8 +13,12 @@ matmuls), `weight_only_int8`, `weight_only_int4`, `torchao_int8_dyn` (if
 torchao is importable). Each variant is timed in interleaved pairs with FP32 (order alternating), and the ratio
 per pair is reported as median and min: the machine is shared, so single timings are noisy.
 
-Peak RSS: one subprocess per (model, variant) builds and converts the model, frees what it no longer holds,
-resets the peak (`/proc/self/clear_refs`), runs a short DDIM sampler (3 steps, batch 16) and reads `VmHWM`.
+Peak RSS: one fresh subprocess per (model, variant, repeat) builds the model, frees what it no longer holds, resets
+the peak (`/proc/self/clear_refs`), runs a short DDIM sampler (3 steps, batch 16) and reads `VmHWM`; each variant runs
+`--rss-repeats` times (interleaved with the others) and the median is reported. `--rss-method saved` (default) is
+deployment: the float model is built as for FP32 and a saved quantization (written once per config by a separate
+process) is loaded straight into the backend (`load_quantization(model, dir, backend=...)`, no calibration in the
+process); `--rss-method calibrate` quantizes, calibrates and converts in the measured process.
 
     python experiments/bench_backends.py                       # all models, writes results/backends.{json,md}
     python experiments/bench_backends.py --models big-unet --pairs 5
@@ -34,6 +38,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,12 +166,44 @@ def _status_kb(field: str) -> int:
     return -1
 
 
-def rss_child(model_name: str, variant: str, batch: int, steps: int) -> dict:
+RSS_METHODS = ("saved", "calibrate")
+
+
+def _variant_config(variant: str) -> tuple[int, bool]:
+    """`(weight bits, attention)` of a quantized variant."""
+    return (4 if variant == "weight_only_int4" else 8), variant == "x86_attention"
+
+
+def save_child(model_name: str, variant: str, directory: str) -> dict:
+    """Quantize and calibrate `model_name` as `make_variant` does for `variant`, and save the state."""
+    from tdq.serialization import save_quantization
+
+    fp, shape, extra = build_model(model_name)
+    bits, attention = _variant_config(variant)
+    save_quantization(quantized(fp, extra, shape, weight_bits=bits, attention=attention), directory)
+    return {"saved": directory}
+
+
+def load_variant(variant: str, fp, directory: str):
+    """`fp` with the saved quantization in `directory` loaded onto `variant`'s backend (the simulator for
+    `simulate`): what a deployment does, no calibration."""
+    from tdq.serialization import load_quantization
+
+    backend = None if variant == "simulate" else variant.removesuffix("_attention")
+    return load_quantization(fp, directory, backend=backend)
+
+
+def rss_child(
+    model_name: str, variant: str, batch: int, steps: int, method: str = "calibrate", saved: str = ""
+) -> dict:
     torch.set_num_threads(1)
     from diffusers import DDIMScheduler
 
     fp, shape, extra = build_model(model_name)
-    m, _ = make_variant(variant, fp, shape, extra)
+    if method == "saved" and variant != "fp32":
+        m = load_variant(variant, fp, saved)
+    else:
+        m, _ = make_variant(variant, fp, shape, extra)
     del fp
     gc.collect()
     try:
@@ -229,22 +266,45 @@ def compile_of(model_name: str, batch: int, pairs: int, timeout_s: float) -> dic
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def rss_of(model_name: str, variant: str, batch: int, steps: int) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--rss-child",
-        model_name,
-        variant,
-        "--batch",
-        str(batch),
-        "--steps",
-        str(steps),
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+def _child(args: list[str]) -> dict:
+    p = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, cwd=Path(__file__).parent.parent
+    )
     if p.returncode != 0:
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc={p.returncode}"}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def rss_of(
+    model_name: str, variants: list[str], batch: int, steps: int, method: str, repeats: int, workdir: str
+) -> dict:
+    """Peak RSS of a sampler run per variant: `repeats` fresh processes each, interleaved, median reported."""
+    saved = {}
+    if method == "saved":
+        for v in variants:
+            key = _variant_config(v)
+            if v != "fp32" and key not in saved:
+                saved[key] = str(Path(workdir) / f"{model_name}_w{key[0]}{'_attn' if key[1] else ''}")
+                r = _child(["--save-child", model_name, v, saved[key]])
+                if "error" in r:
+                    return {v: {"error": "save: " + r["error"]} for v in variants}
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for i in range(repeats):
+        # alternate the order so slow drifts of the shared machine hit every variant alike
+        for v in variants if i % 2 == 0 else variants[::-1]:
+            args = ["--rss-child", model_name, v, "--batch", str(batch), "--steps", str(steps)]
+            args += ["--rss-method", method, "--saved", saved.get(_variant_config(v), "")]
+            runs[v].append(_child(args))
+    out = {}
+    for v, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            out[v] = rs[0]
+            continue
+        peaks = [r["peak_rss_run_kb"] for r in ok]
+        med = sorted(ok, key=lambda r: r["peak_rss_run_kb"])[len(ok) // 2]
+        out[v] = dict(med, peak_rss_run_kb=statistics.median(peaks), peak_rss_runs_kb=peaks, method=method)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -349,8 +409,13 @@ def _md_row_set(label: str, result: dict) -> list[str]:
                 lines.append(f"| {mname} | {v} | skipped: {r['skipped']} | | | | | |")
                 continue
             t = r.get("timing", {})
-            rss = (mres.get("rss", {}).get(v) or {}).get("peak_rss_run_kb")
-            rss_ratio = f"{rss / rss_fp:.2f}" if rss and rss_fp and rss > 0 else ""
+            rss_rec = mres.get("rss", {}).get(v) or {}
+            rss = rss_rec.get("peak_rss_run_kb")
+            rss_ratio = ""
+            if rss and rss_fp and rss > 0:
+                n = len(rss_rec.get("peak_rss_runs_kb", [rss]))
+                how = f", {rss_rec['method']}, median of {n}" if "method" in rss_rec else ""
+                rss_ratio = f"{rss / rss_fp:.3f} ({rss / 1024:.0f}/{rss_fp / 1024:.0f} MB{how})"
             kern = ", ".join(f"{k}: {n}" for k, n in r.get("kernels", {}).items())
             kern = kern or r.get("note", "")
             if r.get("choices", {}).get("conv_output"):
@@ -385,7 +450,18 @@ def main() -> None:
         "--compile-timeout", type=float, default=900.0, help="seconds for compile + its timed pairs"
     )
     ap.add_argument("--rss-variants", default="fp32,simulate,x86,weight_only_int8,weight_only_int4")
+    ap.add_argument(
+        "--rss-method",
+        choices=RSS_METHODS,
+        default="saved",
+        help="saved: load a saved quantization into the backend (deployment); calibrate: calibrate in-process",
+    )
+    ap.add_argument(
+        "--rss-repeats", type=int, default=3, help="fresh processes per variant (median reported)"
+    )
     ap.add_argument("--rss-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    ap.add_argument("--save-child", nargs=3, metavar=("MODEL", "VARIANT", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--saved", default="", help=argparse.SUPPRESS)
     ap.add_argument("--compile-child", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS / "backends.json"))
     ap.add_argument(
@@ -397,7 +473,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.rss_child:
-        print(json.dumps(rss_child(*args.rss_child, args.batch, args.steps)))
+        print(json.dumps(rss_child(*args.rss_child, args.batch, args.steps, args.rss_method, args.saved)))
+        return
+    if args.save_child:
+        print(json.dumps(save_child(*args.save_child)))
         return
     if args.compile_child:
         print(json.dumps(compile_child(args.compile_child, args.batch, args.pairs)))
@@ -443,7 +522,7 @@ def main() -> None:
         mres.update(params=sum(p.numel() for p in fp.parameters()), sample_shape=list(shape))
         mres.setdefault("variants", {})
         print(f"== {mname}: {mres['params'] / 1e6:.1f} M params", flush=True)
-        for v in args.variants.split(","):
+        for v in [v for v in args.variants.split(",") if v not in ("", "none")]:
             if v == "fp32_compile":
                 if mname not in args.compile_models.split(","):
                     mres["variants"][v] = {"skipped": "not requested (--compile-models)"}
@@ -481,9 +560,19 @@ def main() -> None:
             gc.collect()
         if not args.no_rss:
             mres.setdefault("rss", {})
-            for v in args.rss_variants.split(","):
-                mres["rss"][v] = rss_of(mname, v, args.batch, args.steps)
-                print(f"  rss {v}: {mres['rss'][v]}", flush=True)
+            with tempfile.TemporaryDirectory(prefix="tdq_bench_rss_") as work:
+                rss = rss_of(
+                    mname,
+                    args.rss_variants.split(","),
+                    args.batch,
+                    args.steps,
+                    args.rss_method,
+                    args.rss_repeats,
+                    work,
+                )
+            for v, r in rss.items():
+                mres["rss"][v] = r
+                print(f"  rss {v}: {r}", flush=True)
         mres["fp32_resident_bytes"] = fp_bytes
         result["models"][mname] = mres
         out_path.parent.mkdir(parents=True, exist_ok=True)

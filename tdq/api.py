@@ -94,6 +94,7 @@ def quantize_(
     adapter: TimestepAdapter | None = None,
     num_train_timesteps: int = 1000,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    calibrate_weights: bool = True,
 ) -> nn.Module:
     """
     Quantize a denoiser in place: swap selected layers for quantized ones and install the timestep hook.
@@ -107,6 +108,8 @@ def quantize_(
         num_train_timesteps (`int`, *optional*, defaults to `1000`): length of the training noise schedule.
         filter_fn (`Callable[[nn.Module, str], bool]`, *optional*): called as `filter_fn(module, name)` for every
             candidate layer; only layers where it returns `True` are quantized.
+        calibrate_weights (`bool`, *optional*, defaults to `True`): estimate every weight quantizer's range now;
+            `False` skips that work for a saved state loaded right after (`tdq.serialization.load_quantization`).
 
     Returns:
         The same `model`, for chaining.
@@ -142,7 +145,11 @@ def quantize_(
         parent = model.get_submodule(parent_name) if parent_name else model
         float_mod = getattr(parent, child)
         wspec, aspec = config.layer_specs(name)
-        qmod = quant_module_class(float_mod).from_float(float_mod, name, wspec, aspec, context)
+        cls = quant_module_class(float_mod)
+        if calibrate_weights:
+            qmod = cls.from_float(float_mod, name, wspec, aspec, context)
+        else:
+            qmod = cls.from_float(float_mod, name, wspec, aspec, context, calibrate_weight=False)
         # the new quantizer submodules follow the layer's train/eval mode (stochastic rounding only in training)
         qmod.train(float_mod.training)
         setattr(parent, child, qmod)

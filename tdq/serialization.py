@@ -934,7 +934,8 @@ def load_quantization(
 
     # 5. mutate: quantize (if needed) and load. Everything above was checked, so this does not fail half-way.
     if not quantized:
-        quantize_(model, config, adapter=adapter, filter_fn=layer_filter)
+        # the saved state sets every weight quantizer: no range estimate on the float weights (work and resident code)
+        quantize_(model, config, adapter=adapter, filter_fn=layer_filter, calibrate_weights=False)
     missing, unexpected = model.load_state_dict(load, strict=False)
     missing = [
         k

@@ -164,3 +164,105 @@ def test_converted_model_holds_no_float_weight_copies():
     held = _held_bytes(model)
     assert resident_bytes(model) <= 0.27 * fp_bytes
     assert held <= 0.27 * fp_bytes, f"converted model holds {held / fp_bytes:.3f}x the FP32 bytes"
+
+
+def _map_into_file(model, path):
+    """Every float parameter and buffer of `model` moved into one private file mapping (as diffusers'
+    `from_pretrained` leaves a model on its memory-mapped safetensors checkpoint)."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    flat.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=flat.numel(), dtype=torch.float32)
+    off = 0
+    for t in tensors:
+        t.data = mapped[off : off + t.numel()].view(t.shape)
+        off += t.numel()
+
+
+def _mapped_paths():
+    with open("/proc/self/maps") as f:
+        return {p[5].strip() for p in (line.split(maxsplit=5) for line in f) if len(p) == 6}
+
+
+@needs_x86
+def test_conversion_releases_a_memory_mapped_checkpoint(tmp_path):
+    ref = _calibrated(tiny_unet2d())
+    model = tiny_unet2d()
+    _map_into_file(model, tmp_path / "ckpt.bin")
+    model = _calibrated(model)
+    assert str(tmp_path / "ckpt.bin") in _mapped_paths()
+    to_backend(model, "x86")
+    to_backend(ref, "x86")
+    import gc
+
+    gc.collect()
+    # the biases and norms left in float were copied out: the checkpoint (and every weight page read from it) is gone
+    assert str(tmp_path / "ckpt.bin") not in _mapped_paths()
+    inp = denoiser_inputs(model, t=300.0)
+    with torch.no_grad():
+        assert torch.equal(output_tensor(model(**inp)), output_tensor(ref(**inp)))
+
+
+@needs_x86
+def test_conversion_frees_each_simulated_layer_as_it_goes(monkeypatch):
+    import gc
+    import weakref
+
+    from tdq.quant.backends import BACKENDS
+    from tdq.quant.modules import QuantMixin
+
+    model = _calibrated(tiny_unet2d())
+    refs = {n: weakref.ref(m) for n, m in model.named_modules() if isinstance(m, QuantMixin)}
+    impl = BACKENDS["x86"]
+    lower, done, alive = impl.lower, [], []
+
+    def spy(self, name, m, codes):
+        gc.collect()
+        # every layer converted before this one is gone already (not held until the whole model is converted)
+        alive.extend(d for d in done if refs[d]() is not None and refs[d]() is not model.get_submodule(d))
+        done.append(name)
+        return lower(self, name, m, codes)
+
+    monkeypatch.setattr(impl, "lower", spy)
+    to_backend(model, "x86")
+    assert len(done) == len(refs) > 2
+    assert not alive, f"simulated layers still alive during conversion: {alive}"
+
+
+def test_load_from_saved_state_estimates_no_weight_range(tmp_path, monkeypatch):
+    from tdq.quant.quantizers import WeightQuantizer
+    from tdq.serialization import load_quantization, save_quantization
+
+    torch.manual_seed(0)
+    ref = _calibrated(tiny_unet2d())
+    save_quantization(ref, tmp_path / "q")
+    fresh = tiny_unet2d()
+    fresh.load_state_dict(
+        {k: v for k, v in ref.state_dict().items() if k in fresh.state_dict()}, strict=False
+    )
+
+    def boom(self, *a, **k):
+        raise AssertionError("weight range estimated although the saved state sets it")
+
+    monkeypatch.setattr(WeightQuantizer, "calibrate_", boom)
+    loaded = load_quantization(fresh, tmp_path / "q")
+    inp = denoiser_inputs(ref, t=300.0)
+    with torch.no_grad():
+        assert torch.equal(output_tensor(loaded(**inp)), output_tensor(ref(**inp)))
+
+
+def test_config_to_plain_does_not_import_omegaconf():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tdq.config as c\n"
+        "assert c._to_plain({'a': [1]}) == {'a': [1]}\n"
+        "print('omegaconf' in sys.modules)\n"
+        "import omegaconf\n"
+        "print(c._to_plain(omegaconf.OmegaConf.create({'a': [1]})) == {'a': [1]})\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["False", "True"]

@@ -73,6 +73,8 @@ class QuantMixin:
         weight_spec: QuantSpec,
         act_spec: QuantSpec,
         context: TimestepContext,
+        *,
+        calibrate_weight: bool = True,
     ):
         """
         Build the quantized module around `module`'s own parameters (no copy).
@@ -83,6 +85,8 @@ class QuantMixin:
             weight_spec (`QuantSpec`): weight spec.
             act_spec (`QuantSpec`): input-activation spec.
             context (`TimestepContext`): the model's timestep context.
+            calibrate_weight (`bool`, *optional*, defaults to `True`): estimate the weight range now (`False`: a
+                saved state is loaded right after, see `WeightQuantizer`).
         """
         base = next(c for c in type(module).__mro__ if c in QUANT_MODULES)
         if type(module).forward is not base.forward:
@@ -103,7 +107,9 @@ class QuantMixin:
         new._modules = dict(module._modules)
         new.layer_name = name
         new.context = context
-        new.weight_quantizer = WeightQuantizer(weight_spec, module.weight, name=name)
+        new.weight_quantizer = WeightQuantizer(
+            weight_spec, module.weight, name=name, calibrate=calibrate_weight
+        )
         new.act_quantizer = TimestepActQuantizer(act_spec, context.num_buckets, context, name=name)
         new.act_quantizer.needs_init = module.weight.is_meta  # its buffers are garbage after to_empty()
         new.act_quantizer.channel_dim = cls.channel_dim

@@ -110,9 +110,11 @@ class WeightQuantizer(nn.Module):
         spec (`QuantSpec`): the weight spec.
         weight (`torch.Tensor`): the weight whose range is estimated.
         name (`str`, *optional*): layer name for error messages.
+        calibrate (`bool`, *optional*, defaults to `True`): estimate the range from `weight` now; `False` leaves the
+            buffers at their initial values for a state loaded right after (`tdq.serialization.load_quantization`).
     """
 
-    def __init__(self, spec: QuantSpec, weight: torch.Tensor, name: str = ""):
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor, name: str = "", calibrate: bool = True):
         super().__init__()
         self.spec = spec
         self.layer_name = name
@@ -128,7 +130,7 @@ class WeightQuantizer(nn.Module):
             )
         # Built on the meta device: every buffer is garbage after `to_empty()` until a state is loaded or `reset_`.
         self.needs_init = weight.is_meta
-        if not weight.is_meta:
+        if not weight.is_meta and calibrate:
             self.calibrate_(weight)
 
     @torch.no_grad()

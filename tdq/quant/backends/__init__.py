@@ -31,6 +31,7 @@ from tdq.quant.backends.base import (
     BackendState,
     LayerRecord,
     RealQuantModule,
+    release_file_mappings,
 )
 from tdq.quant.backends.capability import cpu_flags, cpu_model, get_cpu_capability
 from tdq.quant.backends.cuda import IntMMLinear
@@ -61,6 +62,7 @@ __all__ = [
     "get_cpu_capability",
     "record_call",
     "register_backend",
+    "release_file_mappings",
     "resident_bytes",
     "select_backend",
     "to_backend",
@@ -393,7 +395,11 @@ def to_backend(
     impl.check(model, cap)
     codes = codes or {}
     state = BackendState(name=name_, requested=backend, capability=cap, choices=impl.choose(cap))
-    for name, m in layers:
+    # one layer at a time, each simulated layer dropped as soon as it is replaced: its float weight (and fake-quant
+    # cache) is freed before the next layer is packed, so conversion peaks at about one layer above the result
+    layers.reverse()
+    while layers:
+        name, m = layers.pop()
         with torch.no_grad():
             new, rec = impl.lower(name, m, codes.get(name))
         if new is not m:
@@ -401,9 +407,14 @@ def to_backend(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
+        del m, new
         state.layers[name] = rec
         if rec.reason:
             logger.info("backend %s: layer %r runs %s (%s)", name_, name, rec.kernel, rec.reason)
+    if name_ != "simulate":
+        # float tensors left (biases, norms, float layers) that live in a memory-mapped checkpoint would keep it,
+        # and every quantized weight page read from it, resident
+        release_file_mappings(model)
     kernel, why = impl.attention_kernel(cap)
     for name, proc in iter_attention_processors(model):
         proc.kernel = kernel

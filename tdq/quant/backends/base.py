@@ -9,8 +9,10 @@ simulator's fake-quantized weight), so `tdq.serialization.save_quantization` of 
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as TF
@@ -250,3 +252,67 @@ def fake_quant_bucket(module: RealQuantModule, x: torch.Tensor, k: int) -> torch
         return F.fake_quantize_per_tensor(x, scale_f, zp_i, qmin, qmax, keep_nonfinite=True)
     out = F.fake_quantize(x, scale.to(x.dtype), zp.to(x.dtype), qmin, qmax)
     return torch.where(torch.isfinite(x), out, x)
+
+
+def file_mapped_ranges() -> list[tuple[int, int]]:
+    """Sorted `(start, end)` addresses of this process's file-backed memory mappings (Linux `/proc/self/maps`;
+    empty where it cannot be read)."""
+    try:
+        text = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return sorted(out)
+
+
+@torch.no_grad()
+def release_file_mappings(model: nn.Module) -> int:
+    r"""
+    Copy the float tensors of `model` that live in a file mapping (e.g. the memory-mapped safetensors checkpoint of a
+    diffusers `from_pretrained` model) into memory of their own, so the mapping, and with it every float weight page
+    read from it, is released once the quantized layers' float weights are gone.
+
+    A converted model still holds a few float tensors (biases, norms, layers left in float). Without this copy each
+    of them keeps the whole checkpoint mapped, and the pages the conversion read (all quantized weights) stay
+    resident. Tied tensors stay tied.
+
+    Args:
+        model (`nn.Module`): the converted model.
+
+    Returns:
+        `int`: bytes copied (0 where nothing was mapped or the mappings cannot be read).
+    """
+    ranges = file_mapped_ranges()
+    if not ranges:
+        return 0
+    starts = [lo for lo, _ in ranges]
+
+    def mapped(t: torch.Tensor) -> bool:
+        if t.device.type != "cpu" or t.is_mkldnn or t.is_meta or t.numel() == 0:
+            return False
+        ptr = t.untyped_storage().data_ptr()
+        i = bisect.bisect_right(starts, ptr) - 1
+        return i >= 0 and ptr < ranges[i][1]
+
+    copies: dict[int, torch.Tensor] = {}
+    copied = 0
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                if t is None:
+                    continue
+                if id(t) not in copies:
+                    if not mapped(t):
+                        continue
+                    new = t.detach().clone()
+                    if isinstance(t, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=t.requires_grad)
+                    copies[id(t)] = new
+                    copied += t.numel() * t.element_size()
+                store[k] = copies[id(t)]
+    return copied

@@ -221,12 +221,16 @@ def rss_child(
         for t in sched.timesteps:
             eps = m(x, t, **kw).sample
             x = sched.step(eps, t, x).prev_sample
-    return {
+    out = {
         "rss_before_run_kb": before,
         "peak_rss_run_kb": _status_kb("VmHWM"),
         "resident_bytes": resident_bytes(m),
         "finite": bool(torch.isfinite(x).all()),
     }
+    if variant != "fp32":
+        info = backend_info(m)
+        out.update(backend=info["backend"], kernels=info["kernels"], choices=info.get("choices", {}))
+    return out
 
 
 def compile_child(model_name: str, batch: int, pairs: int) -> dict:
@@ -404,7 +408,9 @@ def _md_row_set(label: str, result: dict) -> list[str]:
     ]
     for mname, mres in result["models"].items():
         rss_fp = (mres.get("rss", {}).get("fp32") or {}).get("peak_rss_run_kb")
-        for v, r in mres["variants"].items():
+        # variants with a peak-RSS row only (`--variants none`): no timing, kernels from the RSS run
+        rss_only = {v: r for v, r in mres.get("rss", {}).items() if v not in mres["variants"] and v != "fp32"}
+        for v, r in {**mres["variants"], **rss_only}.items():
             if "skipped" in r:
                 lines.append(f"| {mname} | {v} | skipped: {r['skipped']} | | | | | |")
                 continue
@@ -416,7 +422,7 @@ def _md_row_set(label: str, result: dict) -> list[str]:
                 n = len(rss_rec.get("peak_rss_runs_kb", [rss]))
                 how = f", {rss_rec['method']}, median of {n}" if "method" in rss_rec else ""
                 rss_ratio = f"{rss / rss_fp:.3f} ({rss / 1024:.0f}/{rss_fp / 1024:.0f} MB{how})"
-            kern = ", ".join(f"{k}: {n}" for k, n in r.get("kernels", {}).items())
+            kern = ", ".join(f"{k}: {n}" for k, n in (r.get("kernels") or rss_rec.get("kernels", {})).items())
             kern = kern or r.get("note", "")
             if r.get("choices", {}).get("conv_output"):
                 kern += "; conv output " + r["choices"]["conv_output"].split(":")[0]
@@ -424,6 +430,8 @@ def _md_row_set(label: str, result: dict) -> list[str]:
             lines.append(
                 f"| {mname} | {v} | {t.get('ratio_median', 1.0):.2f} | {t.get('ratio_min', 1.0):.2f} | "
                 f"{t.get('pairs', '')} | {bytes_ratio} | {rss_ratio} | {kern} |"
+                if v not in rss_only
+                else f"| {mname} | {v} | (not timed) | | | | {rss_ratio} | {kern} |"
             )
     lines += [
         "",

@@ -210,3 +210,47 @@ def test_corrupted_saved_attention_quantizer_is_refused(tmp_path):
         (d / CONFIG_FILE).write_text(json.dumps(sidecar))
         with pytest.raises(SavedQuantizationError, match="attention quantizer .*prob_quantizer.scale"):
             load_quantization(tiny_unet2d(), d)
+
+
+def test_int8_codes_saturate_huge_inputs_and_refuse_nonfinite():
+    from tdq.quant.attention import _codes_i8
+
+    x = torch.tensor([1e30, -1e30, 3e9, -3e9, 3.0e38, 0.3, -0.2] * 9)
+    for scale, zp, lo, hi in ((0.01, 0, -127, 127), (1 / 255, -128, -128, 127)):
+        got = _codes_i8(x, scale, zp, lo, hi)
+        ref = torch.fake_quantize_per_tensor_affine(x, scale, zp, lo, hi).div(scale).round().add(zp)
+        assert got[0] == hi and got[1] == lo and got[2] == hi and got[3] == lo
+        assert torch.equal(got.to(torch.float32), ref)
+        assert _codes_i8(torch.cat([x, torch.tensor([float("nan")])]), scale, zp, lo, hi) is None
+
+
+@needs_int_mm
+def test_int8_attention_huge_and_nonfinite_inputs_match_simulator(monkeypatch):
+    import tdq.quant.attention as A
+
+    results = []
+    orig = A.int8_attention
+    monkeypatch.setattr(A, "int8_attention", lambda *a: (results.append(orig(*a)), results[-1])[1])
+    attn, proc, ctx, x = _attention()
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 64, 16) for _ in range(3))
+    q[0, 0, 0, 0], k[1, 2, 3, 4], v[0, 1, 5, 6] = (
+        1e30,
+        -3e9,
+        1e30,
+    )  # saturate at qmax/qmin, as in the simulator
+    with torch.no_grad():
+        ctx.set(1)
+        proc.kernel = "simulate"
+        sim = proc.attend(q, k, v, None, 0.25)
+        proc.kernel = "aten._int_mm"
+        real = proc.attend(q, k, v, None, 0.25)
+        assert results and results[-1] is not None  # the int8 kernel ran
+        torch.testing.assert_close(real, sim, rtol=1e-5, atol=1e-5 * float(sim.abs().max()))
+        q[1, 3, 2, 1] = float("nan")  # not hidden behind a code: the simulator's attention runs, NaN kept
+        proc.kernel = "simulate"
+        sim = proc.attend(q, k, v, None, 0.25)
+        proc.kernel = "aten._int_mm"
+        real = proc.attend(q, k, v, None, 0.25)
+        assert results[-1] is None and torch.isnan(sim).any()
+        torch.testing.assert_close(real, sim, equal_nan=True, rtol=0, atol=0)

@@ -339,3 +339,55 @@ def test_resident_bytes_counts_shared_storage_once():
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight  # tied
     assert resident_bytes(nn.Sequential(a, b)) == (16 + 4 + 4) * 4
+
+
+# |x / scale| far beyond 2^31: PyTorch's vectorised quantizer wraps these through int32 (1e30 became code 0)
+HUGE = [1e30, -1e30, 3e9, -3e9, 3.0e38, -3.0e38, 2.5e9]
+
+
+def _ref_codes(x, scale, zp, lo, hi):
+    return torch.fake_quantize_per_tensor_affine(x, scale, zp, lo, hi).div(scale).round().add(zp)
+
+
+@pytest.mark.parametrize("zp,lo,hi", [(128, 0, 255), (3, 0, 15), (128, 1, 255)])
+def test_quantize_u8_saturates_huge_inputs_and_refuses_nonfinite(zp, lo, hi):
+    from tdq.quant.backends.x86 import _inv_scale, quantize_u8
+
+    scale = 0.05
+    x = torch.tensor(HUGE + [0.3, -0.2, 0.025] * 20)  # long enough for the vectorised path
+    got = quantize_u8(x, scale, _inv_scale(scale), zp, lo, hi)
+    assert got[0] == hi and got[1] == lo and got[2] == hi and got[3] == lo
+    assert torch.equal(got.to(torch.float32), _ref_codes(x, scale, zp, lo, hi))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert quantize_u8(torch.cat([x, torch.tensor([bad])]), scale, _inv_scale(scale), zp, lo, hi) is None
+
+
+@needs_x86
+@pytest.mark.parametrize("act_symmetric", [False, True], ids=["affine_act", "symmetric_act"])
+@pytest.mark.parametrize("conv", [True, False], ids=["conv", "linear"])
+def test_x86_huge_and_nonfinite_inputs_match_simulator(conv, act_symmetric):
+    # symmetric activations run as uint8 codes with zero point 128, where the unclamped quantizer wrapped
+    if conv:
+        q, ctx = _layer(nn.Conv2d(**CONVS["3x3"]), act_symmetric, in_shape=(2, 16, 9, 9))
+        x = torch.randn(3, 16, 9, 9) + 0.3
+        big, bad = (0, 0, 4, 4), (2, 1, 3, 3)
+    else:
+        q, ctx = _layer(nn.Linear(16, 24), act_symmetric)
+        x = torch.randn(2, 5, 16)
+        big, bad = (0, 1, 3), (1, 2, 5)
+    real = X86Int8Module(q)
+    x[big] = 1e30  # saturates at qmax in the simulator: a finite output
+    x.view(-1)[-1] = -3e9
+    with torch.no_grad():
+        for k in range(K):
+            ctx.set(k)
+            sim = q(x)
+            assert torch.isfinite(sim).all()
+            _close(real(x), sim)
+        for v in (float("nan"), float("inf")):
+            xb = x.clone()
+            xb[bad] = v  # not hidden behind a finite code: the simulator's arithmetic, NaN/inf kept
+            sim, out = q(xb), real(xb)
+            assert not torch.isfinite(sim).all()
+            assert torch.equal(torch.isfinite(out), torch.isfinite(sim))
+            torch.testing.assert_close(out, sim, equal_nan=True, rtol=1e-5, atol=1e-3)

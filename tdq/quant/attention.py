@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tdq.config import QuantSpec
+from tdq.quant.functional import saturating_code_input
 from tdq.quant.quantizers import TimestepActQuantizer, TimestepContext
 
 logger = logging.getLogger(__name__)
@@ -246,8 +247,12 @@ class QuantAttnProcessor(nn.Module):
         return int8_attention(q, k, v, scale, *[(p[4], p[2], p[3]) for p in params])
 
 
-def _codes_i8(x: torch.Tensor, scale: float, zp: int, lo: int, hi: int) -> torch.Tensor:
-    """`clamp(round(x / scale) + zp, lo, hi)` as `int8` (the codes of `fake_quantize_per_tensor_affine`)."""
+def _codes_i8(x: torch.Tensor, scale: float, zp: int, lo: int, hi: int) -> torch.Tensor | None:
+    """`clamp(round(x / scale) + zp, lo, hi)` as `int8` (the codes of `fake_quantize_per_tensor_affine`; huge inputs
+    saturate, see `saturating_code_input`), or `None` when `x` holds NaN or +-inf."""
+    x = saturating_code_input(x, scale)
+    if x is None:
+        return None
     if _HAS_QTENSOR:
         qx = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.qint8)
         out = torch.empty(0, dtype=torch.int8).set_(
@@ -258,19 +263,22 @@ def _codes_i8(x: torch.Tensor, scale: float, zp: int, lo: int, hi: int) -> torch
     return x.mul(inv).round_().add_(zp).clamp_(lo, hi).to(torch.int8)
 
 
-def int8_attention(q, k, v, scale: float, qp, kp, vp, pp) -> torch.Tensor:
+def int8_attention(q, k, v, scale: float, qp, kp, vp, pp) -> torch.Tensor | None:
     r"""
     `softmax(Q K^T * scale) V` with both matmuls on integer codes (`torch._int_mm`, int32 sums).
 
     `qp`, `kp`, `vp` are `(scale, qmin, qmax)` of symmetric codes; `pp` is `(scale, 0, qmax)` of the unsigned
     probability codes, which are stored shifted by -128 as `int8` (`P V = (P - 128) V + 128 * colsum(V)`, exact in
-    int32). The codes equal the simulator's, so only the float epilogues differ from it (accumulation order).
+    int32). The codes equal the simulator's, so only the float epilogues differ from it (accumulation order); huge
+    inputs saturate as there. Returns `None` when Q, K or V hold NaN or +-inf (the caller then runs the simulator's
+    attention, which keeps them).
     """
     b, h, n, d = q.shape
     m = k.shape[-2]
-    qi = _codes_i8(q, qp[0], 0, qp[1], qp[2]).reshape(b * h, n, d)
-    ki = _codes_i8(k, kp[0], 0, kp[1], kp[2]).reshape(b * h, m, d)
-    vi = _codes_i8(v, vp[0], 0, vp[1], vp[2]).reshape(b * h, m, d)
+    codes = [_codes_i8(x, p[0], 0, p[1], p[2]) for x, p in ((q, qp), (k, kp), (v, vp))]
+    if any(c is None for c in codes):
+        return None  # NaN/inf in Q, K or V: the caller runs the simulator's attention, which keeps them
+    qi, ki, vi = codes[0].reshape(b * h, n, d), codes[1].reshape(b * h, m, d), codes[2].reshape(b * h, m, d)
     vsum = vi.sum(1, dtype=torch.int32).mul_(128)  # [BH, d]
     a = qp[0] * kp[0] * scale
     ps, p_hi = pp[0], pp[2]
@@ -285,6 +293,8 @@ def int8_attention(q, k, v, scale: float, qp, kp, vp, pp) -> torch.Tensor:
             torch._int_mm(qi[c0 + j], ki[c0 + j].t(), out=s[j])
         p = torch.mul(s[:c], a, out=sf[:c]).softmax(dim=-1)
         pi = _codes_i8(p, ps, -128, -128, p_hi - 128)
+        if pi is None:  # cannot happen with finite codes and scales; the simulator's attention if it does
+            return None
         for j in range(c):
             torch._int_mm(pi[j], vi[c0 + j], out=o[j])
         torch.add(o[:c], vsum[c0 : c0 + c, None], out=o[:c])

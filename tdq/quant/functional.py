@@ -6,6 +6,7 @@ Conventions: symmetric quantization uses signed narrow-range codes `[-(2^(b-1) -
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -197,6 +198,33 @@ def fake_quantize_per_tensor(
     if keep_nonfinite:
         return torch.where(torch.isfinite(x), out, x)
     return out
+
+
+def saturating_code_input(x: torch.Tensor, scale: float) -> torch.Tensor | None:
+    r"""
+    `x` made safe for an integer quantizer whose float->int32 conversion wraps (`torch.quantize_per_tensor`'s
+    vectorised path, a `.to(int)` cast): elements with `|x / scale| >= 2^30` are clamped in float to `+-2^30 * scale`,
+    so their codes saturate at `qmax`/`qmin` as `torch.fake_quantize_per_tensor_affine`'s do, instead of wrapping
+    (`1e30` became code 0 rather than 255).
+
+    Args:
+        x (`torch.Tensor`): input of the quantizer.
+        scale (`float`): its positive finite scale.
+
+    Returns:
+        `x` itself when nothing needs clamping, a clamped copy otherwise, or `None` when `x` holds NaN or +-inf:
+        integer codes cannot carry those, and the callers then run the simulator's arithmetic, which keeps them
+        (`fake_quantize_per_tensor(..., keep_nonfinite=True)`) instead of hiding them behind finite codes.
+    """
+    if x.numel() == 0:
+        return x
+    mn, mx = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(mn) and math.isfinite(mx)):
+        return None
+    if max(-mn, mx) * (1.0 / scale) < _FAST_CODE_LIMIT:
+        return x
+    lim = _FAST_CODE_LIMIT * scale
+    return x.clamp(-lim, lim)
 
 
 def reshape_for_granularity(w: torch.Tensor, granularity: str, group_size: int = 64) -> torch.Tensor:

@@ -31,14 +31,23 @@ def _inv_scale(scale_f: float) -> float:
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale_f, dtype=torch.float32))
 
 
-def quantize_u8(x: torch.Tensor, scale: float, inv: float, zp: int, lo: int, hi: int) -> torch.Tensor:
+def quantize_u8(x: torch.Tensor, scale: float, inv: float, zp: int, lo: int, hi: int) -> torch.Tensor | None:
     """
     `clamp(round(x * inv) + zp, lo, hi)` as `uint8` (round half to even, `inv = 1.0f / scale`): the codes of
     PyTorch's `fake_quantize_per_tensor_affine`, which the simulator uses.
 
     Uses `torch.quantize_per_tensor` (one fused pass, 10-20x faster than the five-op chain here) and views its
-    storage as plain `uint8` without a copy; falls back to the op chain where quantized dtypes are gone.
+    storage as plain `uint8` without a copy; falls back to the op chain where quantized dtypes are gone. Inputs with
+    `|x * inv| >= 2^30` are clamped in float first (`F.saturating_code_input`), so huge values saturate at `hi`/`lo`
+    instead of wrapping through int32.
+
+    Returns:
+        The `uint8` codes, or `None` when `x` holds NaN or +-inf (codes cannot carry them: the caller runs the
+        simulator's arithmetic, which keeps them).
     """
+    x = F.saturating_code_input(x, scale)
+    if x is None:
+        return None
     if F.HAS_QTENSOR and x.dtype == torch.float32:
         qx = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
         u = torch.empty(0, dtype=torch.uint8, device=x.device).set_(
@@ -163,11 +172,12 @@ class X86Int8Module(RealQuantModule):
 
     def _run_bucket(self, x: torch.Tensor, k: int) -> torch.Tensor:
         int_ok, inv, zp, lo, hi, scale_f = self._kernel_params()[k]
-        if not int_ok:  # > 8 activation bits at this bucket: the simulator's arithmetic, dequantized weight
-            return self._float_forward(
-                fake_quant_bucket(self, self._smoothed(x), k), self.dequantized_weight()
-            )
-        xq = quantize_u8(self._smoothed(x), scale_f, inv, zp, lo, hi)
+        xs = self._smoothed(x)
+        xq = quantize_u8(xs, scale_f, inv, zp, lo, hi) if int_ok else None
+        if xq is None:
+            # > 8 activation bits at this bucket, or NaN/inf in the input: the simulator's arithmetic (NaN/inf kept),
+            # dequantized weight
+            return self._float_forward(fake_quant_bucket(self, xs, k), self.dequantized_weight())
         nchw = self.is_conv and not x.is_contiguous(memory_format=torch.channels_last)
         if nchw:
             xq = xq.contiguous(memory_format=torch.channels_last)  # oneDNN's int8 conv is fastest in NHWC

@@ -23,9 +23,12 @@ process); `--rss-method calibrate` quantizes, calibrates and converts in the mea
     python experiments/bench_backends.py                       # all models, writes results/backends.{json,md}
     python experiments/bench_backends.py --models big-unet --pairs 5
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python experiments/bench_backends.py ...   # AVX2 emulated
+    python experiments/bench_backends.py --models mnist-ddpm --variants none --rss-variants fp32,x86 \
+        --rss-method calibrate --rss-repeats 7 --row-set "..."  # peak RSS only; its own row set (one per method)
 
-Results keep one row set per machine (label: CPU model, best int8 ISA, ISA-limiting environment), so runs on
-different CPUs add to the same files instead of replacing each other.
+Results keep one row set per machine (label: CPU model, best int8 ISA, ISA-limiting environment; `--row-set` names
+it), so runs on different CPUs add to the same files instead of replacing each other. A row set keeps one peak-RSS
+record per (model, variant): runs with the other `--rss-method` go into a row set of their own.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ import ctypes
 import gc
 import importlib.util
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -509,7 +510,7 @@ def main() -> None:
         )
         if cap.get(v)
     )
-    command = (env + " " if env else "") + "python experiments/bench_backends.py " + " ".join(sys.argv[1:])
+    command = (env + " " if env else "") + "python experiments/bench_backends.py " + shlex.join(sys.argv[1:])
     result["commands"] = [c for c in result.get("commands", [result.get("command")]) if c] + [command]
     if args.notes:
         result["notes"] = args.notes

@@ -376,6 +376,7 @@ def main() -> None:
             labels = torch.tensor(cond.labels(eval_seeds))
             fp_correct, fp_pred = judge_correct(crop(fp), judge, labels)
             result["judge_fp_accuracy"] = float(fp_correct.double().mean())
+            result["judge_fp_predictions"] = [int(v) for v in fp_pred]
             result["judge"] = "mnist_judge_ccexam (tdq.zoo.judge), accuracy of the conditioned digit"
     inception = None
     fp_feat = None

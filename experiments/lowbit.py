@@ -173,7 +173,9 @@ def preset_row(name: str) -> tuple:
 
 
 def row_spec(name: str) -> tuple:
-    return preset_row(name) if name in PRESETS else ROWS[name]
+    """A row's settings; `<row>-x86` is `<row>` lowered onto the x86 int8 backend after calibration."""
+    base = name.removesuffix("-x86")
+    return preset_row(base) if base in PRESETS else ROWS[base]
 
 
 def model_config(name: str):
@@ -447,6 +449,12 @@ def main() -> None:
             from lowbit_qat import run_qat
 
             qat = run_qat(mm, fresh, spec[8], args.steps, cache / f"qat_{name}")
+        backend = None
+        if name.endswith("-x86"):  # the same calibrated model, run on the integer kernels
+            from tdq.quant.backends import backend_info, to_backend
+
+            to_backend(d, "x86")
+            backend = backend_info(d)
         t0 = time.perf_counter()
         q = sampler(mm)(eval_seeds).images
         t_sample = time.perf_counter() - t0
@@ -476,8 +484,10 @@ def main() -> None:
             row["ptqd"] = ptqd
         if len(spec) > 8:
             row["qat"], row["qat_s"] = qat, qat["seconds"]
-        if name in PRESETS:
-            row["preset"] = f"tdq/configs/quant/{name}.yaml"
+        if name.removesuffix("-x86") in PRESETS:
+            row["preset"] = f"tdq/configs/quant/{name.removesuffix('-x86')}.yaml"
+        if backend is not None:
+            row["backend"] = {k: backend[k] for k in ("backend", "capability", "kernels")}
         if judge is not None:
             q_correct, q_pred = judge_correct(crop(q), judge, labels)
             row["judge"] = judge_row(fp_correct, q_correct, fp_pred, q_pred)
@@ -609,6 +619,9 @@ def write_markdown(result: dict, path: Path) -> None:
         ro += "".join(f" + {c}" for c in r.get("corrections", []))
         if "qat" in r:
             ro += f" + LSQ QAT ({r['qat']['steps']} steps, {r['qat_s']} s)"
+        if "backend" in r:
+            kernels = ", ".join(f"{k} {v}" for k, v in sorted(r["backend"]["kernels"].items()))
+            ro += f", run on the {r['backend']['backend']} backend ({kernels})"
         clip = r["clip"] if r["clip"] != "observer" else f"{r['weight_observer']} observer"
         if r.get("levels", "uniform") != "uniform":
             clip += f", {r['levels']} levels"

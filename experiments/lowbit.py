@@ -18,7 +18,8 @@ quantized model (calibration runs the same conditioned sampler on the calibratio
 decoded 32x32 images; FID and the MNIST judge see the 28x28 crop (as `tdq run`). Where the judge applies, every row
 adds the judge accuracy of the conditioned digit, FP vs quantized on the same seeds, and their difference with a
 paired bootstrap CI over seeds. Rows named after a `tdq/configs/quant` preset (`w4a8`, `w4a8-int`, `w4a16`, `w4a6`,
-`w3a8`, `w4a8-rtn`) take their settings from that preset file.
+`w3a8`, `w4a8-rtn`) take their settings from that preset file; `<row>-x86` (e.g. `w4a8-int-x86`) is `<row>` lowered
+onto the x86 int8 backend after calibration (`tdq.quant.backends.to_backend`; its kernels are recorded per row).
 
 Usage::
 

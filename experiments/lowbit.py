@@ -11,10 +11,21 @@ Rows are merged into the JSON by row name as they finish (the file is re-read be
 partial runs keep each other's rows); a rerun with the same settings skips finished rows (resume). Each row records
 the CPU and library versions it was measured with (`env`).
 
+Conditional latent models (`--model mnist-t2i`, `mnist-dit`) load with their `tdq/configs/model/<model>.yaml`
+(class names, prompt template, guidance scale, crop): seed s is conditioned on class s % 10 (prompt
+"a handwritten digit <name>" / DiT class label), with classifier-free guidance, identically for the FP and every
+quantized model (calibration runs the same conditioned sampler on the calibration seeds). PSNR and LPIPS compare the
+decoded 32x32 images; FID and the MNIST judge see the 28x28 crop (as `tdq run`). Where the judge applies, every row
+adds the judge accuracy of the conditioned digit, FP vs quantized on the same seeds, and their difference with a
+paired bootstrap CI over seeds. Rows named after a `tdq/configs/quant` preset (`w4a8`, `w4a8-int`, `w4a16`, `w4a6`,
+`w3a8`, `w4a8-rtn`) take their settings from that preset file; `<row>-x86` (e.g. `w4a8-int-x86`) is `<row>` lowered
+onto the x86 int8 backend after calibration (`tdq.quant.backends.to_backend`; its kernels are recorded per row).
+
 Usage::
 
     python experiments/lowbit.py                         # mnist-ddpm, 64 seeds, all rows
     python experiments/lowbit.py --rows w4a8-nearest,w4a8-gptq --seeds 64
+    python experiments/lowbit.py --model mnist-t2i       # -> results/lowbit_mnist-t2i.{json,md}, PRESET_ORDER rows
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from _common import bootstrap_ci, env_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = Path(__file__).resolve().parents[1] / "tdq" / "configs"
 
 QAT = {"steps": 200, "batch_size": 8, "num_samples": 64, "lr": 1e-3, "weight_lr": 5e-3}
 
@@ -135,6 +147,72 @@ DEFAULT_ORDER = [
 ]
 
 
+PRESETS = ("w4a8", "w4a8-int", "w4a16", "w4a6", "w3a8", "w4a8-rtn")
+# the rows of the conditional (latent) models: round-to-nearest W4A8, then the presets
+PRESET_ORDER = ["w4a8-nearest", "w4a8", "w4a8-int", "w4a16", "w4a6", "w3a8"]
+
+
+def preset_row(name: str) -> tuple:
+    """The ROWS tuple of the `tdq/configs/quant/<name>.yaml` preset (what `tdq run quant=<name>` quantizes with)."""
+    import yaml
+
+    q = yaml.safe_load((CONFIGS / "quant" / f"{name}.yaml").read_text())
+    w, a, r = q["weight"], q["activation"], q.get("weight_rounding", {})
+    extra = {"levels": w.get("levels", "uniform")}
+    if r.get("smooth_first"):
+        extra["smooth_first"] = True
+    return (
+        w["bits"],
+        a["bits"],
+        w.get("observer", "minmax"),
+        r.get("method", "nearest"),
+        r.get("clip", "observer"),
+        bool(r.get("act_order", False)),
+        list(r.get("corrections", [])),
+        extra,
+    )
+
+
+def row_spec(name: str) -> tuple:
+    """A row's settings; `<row>-x86` is `<row>` lowered onto the x86 int8 backend after calibration."""
+    base = name.removesuffix("-x86")
+    return preset_row(base) if base in PRESETS else ROWS[base]
+
+
+def model_config(name: str):
+    """The model's `tdq/configs/model/<name>.yaml` (class names, prompts, guidance, crop), else the bare name."""
+    from tdq.run.models import ModelConfig
+
+    path = CONFIGS / "model" / f"{name}.yaml"
+    if not path.is_file():
+        return ModelConfig(name=name)
+    import yaml
+
+    from tdq.run.config import to_run_config
+
+    return to_run_config({"model": yaml.safe_load(path.read_text())}).model
+
+
+def judge_row(fp_correct: torch.Tensor, q_correct: torch.Tensor, fp_pred, q_pred) -> dict:
+    """Judge accuracy of the conditioned class, quantized vs FP on the same seeds (paired bootstrap over seeds)."""
+    diff = q_correct.double() - fp_correct.double()
+    return {
+        "fp_accuracy": float(fp_correct.double().mean()),
+        "accuracy": float(q_correct.double().mean()),
+        "delta": float(diff.mean()),
+        "delta_ci95": bootstrap_ci(diff),
+        "agreement_with_fp": float((torch.as_tensor(fp_pred) == torch.as_tensor(q_pred)).double().mean()),
+    }
+
+
+def judge_correct(images: torch.Tensor, judge, labels: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Per-image correctness of the judge w.r.t. `labels`, and its predictions."""
+    from tdq.eval.data import class_metrics
+
+    pred = class_metrics(images, judge, labels)["predictions"]
+    return torch.as_tensor(pred) == labels, list(pred)
+
+
 def save_stats(stats, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -176,19 +254,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--buckets", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--rows", default=",".join(DEFAULT_ORDER))
+    ap.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated rows (default: all for mnist-ddpm, PRESET_ORDER otherwise)",
+    )
     ap.add_argument("--out", default=None, help="result stem (default lowbit / lowbit_<model>)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "tdq" / "lowbit"))
     ap.add_argument("--no-fid", action="store_true")
     ap.add_argument("--rerun", default="", help="comma-separated rows to run again even if finished")
+    ap.add_argument(
+        "--note", default=None, help="a sentence printed under the markdown table (e.g. a reduced size)"
+    )
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the JSON and exit")
     args = ap.parse_args()
     if args.markdown_only:
         stem = args.out or ("lowbit" if args.model == "mnist-ddpm" else f"lowbit_{args.model}")
-        write_markdown(load_result(RESULTS / f"{stem}.json"), RESULTS / f"{stem}.md")
+        result = load_result(RESULTS / f"{stem}.json")
+        if args.note is not None:
+            result = merge_write(RESULTS / f"{stem}.json", {**result, "note": args.note}, {})
+        write_markdown(result, RESULTS / f"{stem}.md")
         return
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.rows is None:
+        args.rows = ",".join(DEFAULT_ORDER if args.model == "mnist-ddpm" else PRESET_ORDER)
 
     import tdq
     from tdq.config import QuantSpec, TDQConfig, TimestepGrid, WeightRounding
@@ -200,7 +290,7 @@ def main() -> None:
         psnr_per_image,
     )
     from tdq.rounding import calibrate_with_rounding, collect_layer_stats
-    from tdq.run.models import ModelConfig, load_model
+    from tdq.run.models import load_model
     from tdq.sampling import make_sampler, make_scheduler
 
     stem = args.out or ("lowbit" if args.model == "mnist-ddpm" else f"lowbit_{args.model}")
@@ -221,6 +311,20 @@ def main() -> None:
         "weight": "symmetric per-channel; observer per row",
         "activation": "affine per-tensor, one scale per timestep bucket, min-max",
     }
+    mcfg = model_config(args.model)
+    m = load_model(mcfg)
+    cond = None
+    if m.conditional:
+        from tdq.sampling.conditioning import model_conditioning
+
+        cond = model_conditioning(m)
+        settings["conditioning"] = {
+            **cond.describe(),
+            "guidance_scale": m.guidance_scale,
+            "label_rule": "class = seed % num_classes, same for FP and every row",
+        }
+        settings["crop"] = m.crop
+        settings["metrics"] = "PSNR/LPIPS on the decoded images; FID and judge on the crop"
     result = load_result(out_json)
     if result.get("settings") != settings:
         if result.get("rows"):
@@ -228,10 +332,12 @@ def main() -> None:
                 f"{out_json} holds rows measured with other settings; pass --out to write elsewhere"
             )
         result = {"settings": settings, "rows": {}}
+    if args.note is not None:
+        result["note"] = args.note
     env = env_info()
 
     def fresh():
-        return load_model(ModelConfig(name=args.model))
+        return load_model(mcfg)
 
     def sampler(m, progress=False):
         return make_sampler(
@@ -245,7 +351,6 @@ def main() -> None:
 
     cache = Path(args.cache) / f"{args.model}_s{args.steps}_n{args.seeds}_c{args.calib_seeds}_k{args.buckets}"
     cache.mkdir(parents=True, exist_ok=True)
-    m = fresh()
     fp_file = cache / "fp.safetensors"
     if fp_file.exists():
         from safetensors.torch import load_file
@@ -260,15 +365,30 @@ def main() -> None:
         nf = sampler(m)(nf_seeds).images
         save_file({"fp": fp.contiguous(), "nf": nf.contiguous()}, str(fp_file))
         result["fp_sampling_s"] = round(time.perf_counter() - t0, 2)
+
+    def crop(x):
+        return x[..., m.crop : x.shape[-2] - m.crop, m.crop : x.shape[-1] - m.crop] if m.crop else x
+
     lp = build_lpips("alex")
+    judge = None
+    if cond is not None and cond.has_labels:
+        from tdq.eval.data import judge_applies, load_domain_judge
+
+        if judge_applies("mnist-test", m.eval_shape):
+            judge = load_domain_judge("mnist-test")[0]
+            labels = torch.tensor(cond.labels(eval_seeds))
+            fp_correct, fp_pred = judge_correct(crop(fp), judge, labels)
+            result["judge_fp_accuracy"] = float(fp_correct.double().mean())
+            result["judge_fp_predictions"] = [int(v) for v in fp_pred]
+            result["judge"] = "mnist_judge_ccexam (tdq.zoo.judge), accuracy of the conditioned digit"
     inception = None
     fp_feat = None
     if not args.no_fid:
         from tdq.eval.features import InceptionFeatures
 
         inception = InceptionFeatures()
-        fp_feat = extract_features(fp, inception)
-        nf_feat = extract_features(nf, inception)
+        fp_feat = extract_features(crop(fp), inception)
+        nf_feat = extract_features(crop(nf), inception)
         result["noise_floor_fid_fp_vs_fp"] = fid_from_features(fp_feat, nf_feat)
         result["noise_floor_psnr_fp_vs_fp_other_seeds"] = float(psnr_per_image(nf, fp).mean())
 
@@ -303,8 +423,9 @@ def main() -> None:
         if name in result["rows"] and name not in rerun:
             print(f"{name}: done (resume)", flush=True)
             continue
-        wb, ab, obs, method, clip, act_order, corrections = ROWS[name][:7]
-        extra = dict(ROWS[name][7]) if len(ROWS[name]) > 7 else {}
+        spec = row_spec(name)
+        wb, ab, obs, method, clip, act_order, corrections = spec[:7]
+        extra = dict(spec[7]) if len(spec) > 7 else {}
         levels = extra.pop("levels", "uniform")
         cfg = TDQConfig(
             weight=QuantSpec(bits=wb, granularity="per_channel", symmetric=True, observer=obs, levels=levels),
@@ -325,10 +446,16 @@ def main() -> None:
         ada = rep.get("adaround")
         brq = rep.get("brecq")
         t_round = rep["seconds_total"] - t_cal - (ptqd["seconds"] if ptqd else 0.0)
-        if len(ROWS[name]) > 8:
+        if len(spec) > 8:
             from lowbit_qat import run_qat
 
-            qat = run_qat(mm, fresh, ROWS[name][8], args.steps, cache / f"qat_{name}")
+            qat = run_qat(mm, fresh, spec[8], args.steps, cache / f"qat_{name}")
+        backend = None
+        if name.endswith("-x86"):  # the same calibrated model, run on the integer kernels
+            from tdq.quant.backends import backend_info, to_backend
+
+            to_backend(d, "x86")
+            backend = backend_info(d)
         t0 = time.perf_counter()
         q = sampler(mm)(eval_seeds).images
         t_sample = time.perf_counter() - t0
@@ -356,8 +483,15 @@ def main() -> None:
         }
         if ptqd is not None:
             row["ptqd"] = ptqd
-        if len(ROWS[name]) > 8:
+        if len(spec) > 8:
             row["qat"], row["qat_s"] = qat, qat["seconds"]
+        if name.removesuffix("-x86") in PRESETS:
+            row["preset"] = f"tdq/configs/quant/{name.removesuffix('-x86')}.yaml"
+        if backend is not None:
+            row["backend"] = {k: backend[k] for k in ("backend", "capability", "kernels")}
+        if judge is not None:
+            q_correct, q_pred = judge_correct(crop(q), judge, labels)
+            row["judge"] = judge_row(fp_correct, q_correct, fp_pred, q_pred)
         if ada is not None:
             row["adaround"] = {k: v for k, v in ada.items() if k not in ("layers", "filled_buckets")}
             row["adaround"]["init"] = cfg.weight_rounding.adaround_init
@@ -374,12 +508,17 @@ def main() -> None:
             }
         row["outliers"] = outlier_note(d)
         if inception is not None:
-            row["fid_to_fp"] = fid_from_features(fp_feat, extract_features(q, inception))
+            row["fid_to_fp"] = fid_from_features(fp_feat, extract_features(crop(q), inception))
         row["env"] = env
         result = merge_write(out_json, result, {name: row})
         print(
             f"{name}: PSNR {row['psnr']:.2f} [{row['psnr_ci95'][0]:.2f}, {row['psnr_ci95'][1]:.2f}] "
-            f"LPIPS {row['lpips_alex']:.4f} FID {row.get('fid_to_fp')} round {t_round:.1f}s",
+            f"LPIPS {row['lpips_alex']:.4f} FID {row.get('fid_to_fp')} round {t_round:.1f}s"
+            + (
+                f" judge {row['judge']['accuracy']:.3f} (FP {row['judge']['fp_accuracy']:.3f})"
+                if judge
+                else ""
+            ),
             flush=True,
         )
     write_markdown(result, RESULTS / f"{stem}.md")
@@ -444,9 +583,31 @@ def write_markdown(result: dict, path: Path) -> None:
         "only with round-to-nearest weights, 16-bit fallback of the worst (layer, bucket) cells) did; rows marked "
         "*predates* were measured before that default existed (no handling).",
         "",
-        "| row | W | A | rounding | weight range | PSNR to FP [dB] (95% CI) | LPIPS alex | FID to FP | rounding s | "
-        "act. calib s | outliers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    c = s.get("conditioning")
+    if c:
+        what = (
+            f'prompt "{c["prompt_template"]}"' if c.get("prompt_template") else "DiT class label"
+        ) + f" with class names {', '.join(c['class_names'])}"
+        lines[2:2] = [
+            f"Conditioning: seed s gets class s % {len(c['class_names'])} ({what}), classifier-free guidance "
+            f"{c['guidance_scale']}, identical for FP and every row (calibration: the same conditioned sampler on "
+            f"the calibration seeds). {s['metrics']} ({s['crop']} px cut from each border).",
+            "",
+        ]
+    judged = any("judge" in r for r in result["rows"].values())
+    if judged:
+        lines += [
+            f"Judge ({result.get('judge', 'MNIST judge')}): FP accuracy {100 * result['judge_fp_accuracy']:.1f} % "
+            f"on the {n} eval seeds. Δ judge: quantized minus FP accuracy on the same seeds, percentage points, "
+            "95% paired bootstrap CI over seeds.",
+            "",
+        ]
+    jh, js = (" judge acc. [%] | Δ judge vs FP [pts] (95% CI) |", "---|---|") if judged else ("", "")
+    lines += [
+        "| row | W | A | rounding | weight range | PSNR to FP [dB] (95% CI) | LPIPS alex | FID to FP |"
+        f"{jh} rounding s | act. calib s | outliers |",
+        f"|---|---|---|---|---|---|---|---|{js}---|---|---|",
     ]
     for name, r in result["rows"].items():
         ro = r["rounding"] + ("+act_order" if r["act_order"] else "")
@@ -459,13 +620,26 @@ def write_markdown(result: dict, path: Path) -> None:
         ro += "".join(f" + {c}" for c in r.get("corrections", []))
         if "qat" in r:
             ro += f" + LSQ QAT ({r['qat']['steps']} steps, {r['qat_s']} s)"
+        if "backend" in r:
+            kernels = ", ".join(f"{k} {v}" for k, v in sorted(r["backend"]["kernels"].items()))
+            ro += f", run on the {r['backend']['backend']} backend ({kernels})"
         clip = r["clip"] if r["clip"] != "observer" else f"{r['weight_observer']} observer"
         if r.get("levels", "uniform") != "uniform":
             clip += f", {r['levels']} levels"
+        jc = ""
+        if judged:
+            j = r.get("judge")
+            jc = (
+                f" {100 * j['accuracy']:.1f} | {100 * j['delta']:+.1f} ({100 * j['delta_ci95'][0]:+.1f} to "
+                f"{100 * j['delta_ci95'][1]:+.1f}) |"
+                if j
+                else " n/a | n/a |"
+            )
+        label = f"{name} (preset)" if "preset" in r else name
         lines.append(
-            f"| {name} | {r['weight_bits']} | {r['act_bits']} | {ro} | {clip} | {r['psnr']:.2f} "
+            f"| {label} | {r['weight_bits']} | {r['act_bits']} | {ro} | {clip} | {r['psnr']:.2f} "
             f"({r['psnr_ci95'][0]:.2f}–{r['psnr_ci95'][1]:.2f}) | {r['lpips_alex']:.4f} | {_f(r.get('fid_to_fp'))} "
-            f"| {r['rounding_s']} | {r['activation_calibration_s']} | {r.get('outliers', 'predates')} |"
+            f"|{jc} {r['rounding_s']} | {r['activation_calibration_s']} | {r.get('outliers', 'predates')} |"
         )
     groups: dict[str, list[str]] = {}
     for name, r in result["rows"].items():
@@ -483,8 +657,13 @@ def write_markdown(result: dict, path: Path) -> None:
         "The machines were shared with other jobs (each row's load average is in the JSON), so times are "
         "indicative only.",
         "",
-        "Regenerate: `python experiments/lowbit.py` (rows resume from the JSON).",
+        "Regenerate: `python experiments/lowbit.py"
+        + ("" if s["model"] == "mnist-ddpm" else f" --model {s['model']} --rows {','.join(result['rows'])}")
+        + (f" --seeds {n}" if n != 64 else "")
+        + "` (rows resume from the JSON).",
     ]
+    if result.get("note"):
+        lines += ["", result["note"]]
     path.write_text("\n".join(lines) + "\n")
 
 

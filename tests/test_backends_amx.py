@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -78,8 +79,10 @@ def test_capability_in_an_avx2_emulating_process():
 def test_conv_output_layout_by_capability_and_overrides(clean_env):
     amx = dict(CAP, amx_int8=True, avx512_vnni=True, isa="amx")
     vnni = dict(CAP, amx_int8=False, avx512_vnni=True, isa="avx512_vnni")
+    avx2 = dict(CAP, amx_int8=False, avx512_vnni=False, isa="avx2")
     assert x86_mod.conv_output_layout(amx)[0] is True
-    assert x86_mod.conv_output_layout(vnni)[0] is False
+    assert x86_mod.conv_output_layout(vnni)[0] is True
+    assert x86_mod.conv_output_layout(avx2)[0] is False
     clean_env.setattr(x86_mod, "KEEP_CHANNELS_LAST", False)
     assert x86_mod.conv_output_layout(amx)[0] is False
     clean_env.setenv("TDQ_X86_CHANNELS_LAST", "1")
@@ -161,9 +164,80 @@ def test_amx_capability_keeps_channels_last_in_a_model(clean_env):
     assert info["choices"]["conv_output"].startswith("channels-last kept")
     convs = [m for m in model.modules() if isinstance(m, X86Int8Module) and m.is_conv]
     assert convs and all(m.keep_channels_last for m in convs)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     with torch.no_grad():
         out = model(**inp).sample
     assert torch.isfinite(out).all()
+    # the whole model runs channels-last (no NCHW residual stream); the caller gets the standard layout back
+    assert seen and all(t.is_contiguous(memory_format=torch.channels_last) for t in seen if t.dim() == 4)
+    assert out.is_contiguous()
+    assert inp["sample"].is_contiguous()  # the caller's input is not changed in place
+
+
+@needs_x86
+def test_channels_last_model_equals_nchw_model(clean_env):
+    torch.manual_seed(3)
+    model = _calibrated_tiny()
+    inp = denoiser_inputs(model, batch=2, t=480.0)
+    outs = {}
+    for keep in (False, True):
+        clean_env.setattr(x86_mod, "KEEP_CHANNELS_LAST", keep)
+        m = to_backend(copy.deepcopy(model), "x86")
+        assert bool(getattr(m, "_tdq_channels_last_hooks", None)) == keep
+        with torch.no_grad():
+            outs[keep] = m(**inp).sample
+            ref = model(**inp).sample
+        # one call of a quantized model: a last-bit difference may flip an activation code, so compare as PSNR
+        err = float((outs[keep] - ref).pow(2).mean()) / float(ref.pow(2).mean())
+        print("layout", "channels-last" if keep else "NCHW", "relative MSE vs simulator", err)
+        assert err < 1e-3  # >= 30 dB; exact-sum differences flip a few codes (1e-13 .. 2e-4 seen)
+    # hooks run once per model: converting a channels-last model's deep copy keeps one pair
+    assert len(m._forward_pre_hooks) == 1
+    x86_mod.run_channels_last(m)
+    assert len(m._forward_pre_hooks) == 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,
+        lambda x: x.contiguous(memory_format=torch.channels_last),
+        lambda x: x.flatten(2).transpose(1, 2),
+        lambda x: x.permute(3, 1, 0, 2),
+    ],
+    ids=["contiguous", "channels_last", "transposed", "permuted"],
+)
+def test_dense_flat_quantizers_equal_reference_in_any_dense_layout(make):
+    from tdq.quant import functional as F
+
+    torch.manual_seed(0)
+    x = make(torch.randn(3, 8, 5, 5) * 2)
+    flat = F.dense_flat(x)
+    assert flat is not None and flat.data_ptr() == x.data_ptr() and flat.numel() == x.numel()
+    assert torch.equal(F.restride(flat, x), x)
+    out = F.fake_quantize_per_tensor(x, 0.03, 128, 0, 255)
+    assert out.stride() == x.stride()
+    assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, 0.03, 128, 0, 255))
+    codes = x86_mod.quantize_u8(x, 0.03, 1 / 0.03, 128, 0, 255)
+    assert codes.stride() == x.stride()
+    ref = torch.fake_quantize_per_tensor_affine(x, 0.03, 128, 0, 255) / 0.03 + 128
+    assert torch.equal(codes.float(), ref.round())
+
+
+def test_dense_flat_refuses_non_dense_views():
+    from tdq.quant import functional as F
+
+    x = torch.randn(4, 6, 5)
+    assert F.dense_flat(x[:, ::2]) is None
+    assert F.dense_flat(x[:, :3]) is None
+    assert F.dense_flat(x.expand(2, 4, 6, 5)) is None
+    sl = x[:, :3]  # the quantizers still work on it (through a copy)
+    assert torch.equal(
+        F.fake_quantize_per_tensor(sl, 0.03, 0, -127, 127), torch.fake_quantize_per_tensor_affine(sl, 0.03, 0, -127, 127)
+    )
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["affine", "symmetric"])

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tdq.config import QuantSpec
-from tdq.quant.functional import saturating_code_input
+from tdq.quant.functional import dense_flat, restride, saturating_code_input
 from tdq.quant.quantizers import TimestepActQuantizer, TimestepContext
 
 logger = logging.getLogger(__name__)
@@ -175,8 +175,13 @@ class QuantAttnProcessor(nn.Module):
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
+        group_norm = attn.group_norm
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
+            if group_norm is not None:
+                # the same statistics as diffusers' group norm of the [B, C, HW] view; on a channels-last input the
+                # output keeps that layout, so the projections below read contiguous tokens (no transposing copies)
+                hidden_states, group_norm = group_norm(hidden_states), None
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
@@ -184,8 +189,8 @@ class QuantAttnProcessor(nn.Module):
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if group_norm is not None:
+            hidden_states = group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
@@ -258,11 +263,15 @@ def _codes_i8(
         if x is None:
             return None
     if _HAS_QTENSOR:
-        qx = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.qint8)
+        # quantized where x lies (a transposed head view needs no copy); the codes keep x's layout
+        flat = dense_flat(x)
+        qx = torch.quantize_per_tensor(x.contiguous().view(-1) if flat is None else flat, scale, zp, torch.qint8)
         out = torch.empty(0, dtype=torch.int8).set_(
             qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride()
         )
-        return out.clamp_(lo, hi) if lo > -128 or hi < 127 else out
+        if lo > -128 or hi < 127:
+            out.clamp_(lo, hi)
+        return out.view(x.shape) if flat is None else restride(out, x)
     inv = float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
     return x.mul(inv).round_().add_(zp).clamp_(lo, hi).to(torch.int8)
 
@@ -282,27 +291,33 @@ def int8_attention(q, k, v, scale: float, qp, kp, vp, pp) -> torch.Tensor | None
     codes = [_codes_i8(x, p[0], 0, p[1], p[2]) for x, p in ((q, qp), (k, kp), (v, vp))]
     if any(c is None for c in codes):
         return None  # NaN/inf in Q, K or V: the caller runs the simulator's attention, which keeps them
-    qi, ki, vi = codes[0].reshape(b * h, n, d), codes[1].reshape(b * h, m, d), codes[2].reshape(b * h, m, d)
-    vsum = vi.sum(1, dtype=torch.int32).mul_(128)  # [BH, d]
+    qi, ki, vi = codes  # [B, heads, tokens, head_dim] in the inputs' layouts (head views of the projections)
+    vsum = vi.sum(2, dtype=torch.int32).mul_(128)  # [B, heads, d]
     a = qp[0] * kp[0] * scale
     ps, p_hi = pp[0], pp[2]
-    out = torch.empty(b * h, n, d, dtype=torch.float32)
-    chunk = max(1, min(b * h, CHUNK_BYTES // (4 * n * m)))
+    # written as [B, tokens, heads, head_dim]: the layout the processor's transpose(1, 2).reshape reads without a copy
+    out = torch.empty(b, n, h, d, dtype=torch.float32)
+    chunk = max(1, min(h, CHUNK_BYTES // (4 * n * m)))
     s = torch.empty(chunk, n, m, dtype=torch.int32)
     sf = torch.empty(chunk, n, m, dtype=torch.float32)
     o = torch.empty(chunk, n, d, dtype=torch.int32)
-    for c0 in range(0, b * h, chunk):
-        c = min(chunk, b * h - c0)
-        for j in range(c):
-            torch._int_mm(qi[c0 + j], ki[c0 + j].t(), out=s[j])
-        p = torch.mul(s[:c], a, out=sf[:c]).softmax(dim=-1)
-        # softmax of finite int32 sums times a finite scale: probabilities in [0, 1], no guard pass needed
-        pi = _codes_i8(p, ps, -128, -128, p_hi - 128, guard=False)
-        for j in range(c):
-            torch._int_mm(pi[j], vi[c0 + j], out=o[j])
-        torch.add(o[:c], vsum[c0 : c0 + c, None], out=o[:c])
-        torch.mul(o[:c], ps * vp[0], out=out[c0 : c0 + c])
-    return out.view(b, h, n, d)
+    s_h, o_h = s.unbind(0), o.unbind(0)
+    for bi in range(b):
+        # per-head 2-D views made once per sample (one C++ call each, no copy: _int_mm takes strided operands)
+        q_h, kt_h, v_h = qi[bi].unbind(0), ki[bi].transpose(1, 2).unbind(0), vi[bi].unbind(0)
+        for h0 in range(0, h, chunk):
+            c = min(chunk, h - h0)
+            for j in range(c):
+                torch._int_mm(q_h[h0 + j], kt_h[h0 + j], out=s_h[j])
+            p = torch.mul(s[:c], a, out=sf[:c])
+            torch._softmax(p, -1, False, out=p)  # in place: the chunk stays in cache, no new buffer per chunk
+            # softmax of finite int32 sums times a finite scale: probabilities in [0, 1], no guard pass needed
+            pi = _codes_i8(p, ps, -128, -128, p_hi - 128, guard=False)
+            for j, p_j in enumerate(pi.unbind(0)):
+                torch._int_mm(p_j, v_h[h0 + j], out=o_h[j])
+            torch.add(o[:c], vsum[bi, h0 : h0 + c, None], out=o[:c])
+            torch.mul(o[:c], ps * vp[0], out=out[bi, :, h0 : h0 + c].transpose(0, 1))
+    return out.transpose(1, 2)
 
 
 def iter_attention_processors(model: nn.Module) -> Iterator[tuple[str, QuantAttnProcessor]]:

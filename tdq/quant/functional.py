@@ -139,6 +139,29 @@ HAS_QTENSOR = hasattr(torch, "quantize_per_tensor") and hasattr(torch, "quint8")
 _FAST_CODE_LIMIT = 2.0**30
 
 
+def dense_flat(x: torch.Tensor) -> torch.Tensor | None:
+    """
+    A 1-D view of the memory that holds `x`, when `x`'s elements fill it exactly once (contiguous, channels-last,
+    a transpose of a contiguous tensor: any permutation of a dense layout); `None` otherwise.
+
+    Elementwise quantization and whole-tensor reductions give the same values on this view as on `x`, without the
+    copy (or slow strided loop) that a non-contiguous `x` costs them; `restride` puts a result back into `x`'s shape.
+    """
+    if x.is_contiguous():
+        return x.view(-1)
+    expect = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
+        if stride != expect:
+            return None
+        expect *= size
+    return x.as_strided((x.numel(),), (1,), x.storage_offset())
+
+
+def restride(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`flat` (a contiguous 1-D result computed on `dense_flat(like)`) viewed with `like`'s shape and strides."""
+    return flat.as_strided(like.shape, like.stride(), flat.storage_offset())
+
+
 def fake_quantize_per_tensor(
     x: torch.Tensor,
     scale: float,
@@ -184,16 +207,17 @@ def fake_quantize_per_tensor(
             dtype, lo, hi = torch.qint8, -128, 127
         else:
             dtype = None
-        if dtype is not None and lo <= zero_point <= hi:
-            mn, mx = (float(v) for v in torch.aminmax(x))
+        flat = dense_flat(x) if dtype is not None and lo <= zero_point <= hi else None
+        if flat is not None:
+            mn, mx = (float(v) for v in torch.aminmax(flat))
             # NaN fails both comparisons, +-inf the second: those inputs take the reference path below
             if mn == mn and mx == mx and max(-mn, mx) * (1.0 / scale) < _FAST_CODE_LIMIT:
-                qx = torch.quantize_per_tensor(x, scale, zero_point, dtype)
+                qx = torch.quantize_per_tensor(flat, scale, zero_point, dtype)
                 if qmin > lo or qmax < hi:
                     codes = torch.empty(0, dtype=torch.uint8 if dtype == torch.quint8 else torch.int8)
                     codes.set_(qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride())
                     codes.clamp_(qmin, qmax)  # shares the QTensor's storage
-                return qx.dequantize()
+                return restride(qx.dequantize(), x)
     out = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
     if keep_nonfinite:
         return torch.where(torch.isfinite(x), out, x)
@@ -218,7 +242,8 @@ def saturating_code_input(x: torch.Tensor, scale: float) -> torch.Tensor | None:
     """
     if x.numel() == 0:
         return x
-    mn, mx = (float(v) for v in torch.aminmax(x))
+    flat = dense_flat(x)
+    mn, mx = (float(v) for v in torch.aminmax(x if flat is None else flat))
     if not (math.isfinite(mn) and math.isfinite(mx)):
         return None
     if max(-mn, mx) * (1.0 / scale) < _FAST_CODE_LIMIT:

@@ -39,6 +39,7 @@ from tdq.quant.backends.report import backend_report, record_call
 from tdq.quant.backends.weight_only import WeightOnlyModule
 from tdq.quant.backends.x86 import X86Int8Module
 from tdq.quant.backends.x86 import conv_output_layout as x86_conv_output_layout
+from tdq.quant.backends.x86 import run_channels_last as x86_run_channels_last
 from tdq.quant.modules import QuantConv2d, QuantLinear, QuantMixin
 from tdq.quant.quantizers import NotCalibratedError
 
@@ -92,6 +93,9 @@ class Backend:
     def attention_kernel(self, capability: dict) -> tuple[str, str]:
         """`(kernel, reason)` for the matmuls of quantized attention processors (`"simulate"`: float arithmetic)."""
         return "simulate", f"no {self.name} attention kernel: the simulator's float arithmetic"
+
+    def finish(self, model: nn.Module) -> None:
+        """Model-level setup after every layer is lowered (e.g. the activation layout the kernels want)."""
 
     def lowering_for(self, cls: type) -> Lowering | None:
         """The lowering registered for `cls` or its nearest base class."""
@@ -232,6 +236,10 @@ class X86Backend(Backend):
         if self.lowering_for(type(module)) is _x86_conv:
             return _x86_conv(name, module, codes, self.keep_channels_last)
         return super().lower(name, module, codes)
+
+    def finish(self, model):
+        if self.keep_channels_last:
+            x86_run_channels_last(model)
 
     def check(self, model, capability):
         if not capability["onednn_int8"]:
@@ -415,6 +423,7 @@ def to_backend(
         # float tensors left (biases, norms, float layers) that live in a memory-mapped checkpoint would keep it,
         # and every quantized weight page read from it, resident
         release_file_mappings(model)
+    impl.finish(model)
     kernel, why = impl.attention_kernel(cap)
     for name, proc in iter_attention_processors(model):
         proc.kernel = kernel

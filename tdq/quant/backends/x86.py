@@ -48,14 +48,16 @@ def quantize_u8(x: torch.Tensor, scale: float, inv: float, zp: int, lo: int, hi:
     x = F.saturating_code_input(x, scale)
     if x is None:
         return None
-    if F.HAS_QTENSOR and x.dtype == torch.float32:
-        qx = torch.quantize_per_tensor(x, scale, zp, torch.quint8)
+    flat = F.dense_flat(x) if F.HAS_QTENSOR and x.dtype == torch.float32 else None
+    if flat is not None:
+        # quantized on the dense memory (no strided loop for channels-last or transposed inputs), codes in x's layout
+        qx = torch.quantize_per_tensor(flat, scale, zp, torch.quint8)
         u = torch.empty(0, dtype=torch.uint8, device=x.device).set_(
             qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride()
         )
         if lo > 0 or hi < 255:
             u.clamp_(lo, hi)
-        return u
+        return F.restride(u, x)
     return x.mul(inv).round_().add_(zp).clamp_(lo, hi).to(torch.uint8)
 
 
@@ -69,12 +71,14 @@ def conv_output_layout(capability: dict) -> tuple[bool, str]:
     r"""
     Whether int8 convolutions keep oneDNN's channels-last (NHWC) output, and why.
 
-    On AMX the int8 convolution is so fast (~0.09x an FP32 conv at 16x256x16x16) that the NHWC->NCHW copy of its
-    output and the NCHW->NHWC copy of the next layer's input cost a third of it: the model then runs channels-last
-    between the int8 convolutions (GroupNorm/SiLU/add keep the layout; measured on the big UNet: 0.44x -> 0.36x
-    FP32, GroupNorm time about equal). Elsewhere the output goes back to the input's layout (channels-last
-    GroupNorm was ~4x slower on an AVX-512 VNNI EPYC). The float ops between layers then sum in another order, so
-    whole runs differ from the simulator like any accumulation-order change (per-layer outputs are the same values).
+    oneDNN's int8 convolution reads and writes NHWC. With AVX-512 VNNI or AMX it is fast enough (0.19-0.30x an FP32
+    conv on a Zen 5 EPYC, ~0.09x on AMX) that converting its input and output between NCHW and NHWC costs a third or
+    more of it; the model then runs channels-last from its input to its output (`run_channels_last`): GroupNorm
+    (with affine parameters), SiLU, adds, concatenations and the int8 attention keep the layout. Measured on the
+    big UNet (batch 16, 1 thread): AMX Xeon 0.44x -> 0.36x FP32; Zen 5 EPYC (VNNI, no AMX) 0.55x -> 0.49x. On AVX2
+    machines (not measured) the output goes back to the input's layout. The float ops between layers then sum in
+    another order, so whole runs differ from the simulator like any accumulation-order change (per-layer outputs
+    are the same values).
 
     Args:
         capability (`dict`): `get_cpu_capability()`.
@@ -90,8 +94,71 @@ def conv_output_layout(capability: dict) -> tuple[bool, str]:
     if KEEP_CHANNELS_LAST is not None:
         return bool(KEEP_CHANNELS_LAST), f"tdq.quant.backends.x86.KEEP_CHANNELS_LAST={KEEP_CHANNELS_LAST}"
     if capability.get("amx_int8"):
-        return True, "AMX: the int8 conv is fast enough that layout copies would cost ~1/3 of it"
-    return False, "no AMX: channels-last GroupNorm costs more than the copies save"
+        return True, "AMX: layout copies would cost ~1/3 of the int8 convolution; the model runs channels-last"
+    if capability.get("avx512_vnni"):
+        return True, "AVX-512 VNNI: layout copies would cost ~1/3 of the int8 convolution; the model runs channels-last"
+    return False, "no AVX-512 VNNI/AMX: the input's layout is restored after each int8 convolution"
+
+
+def _channels_last(t):
+    if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _standard_layout(out):
+    if isinstance(out, torch.Tensor):
+        return out.contiguous() if out.dim() == 4 else out
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return tuple(_standard_layout(o) for o in out)
+    if isinstance(out, dict):  # diffusers' BaseOutput (an OrderedDict dataclass): fields set in place
+        for k, v in list(out.items()):
+            if isinstance(v, torch.Tensor) and v.dim() == 4:
+                out[k] = v.contiguous()
+                if hasattr(out, k):
+                    object.__setattr__(out, k, out[k])
+    return out
+
+
+def _to_channels_last_hook(module, args, kwargs):
+    """Forward pre-hook: the denoiser's 4-D float input (first positional argument, or `sample` / `hidden_states`)
+    in channels-last, so the whole model (residual stream, skip connections) runs in the int8 convs' layout."""
+    if args:
+        return (_channels_last(args[0]), *args[1:]), kwargs
+    for key in ("sample", "hidden_states"):
+        if key in kwargs:
+            kwargs = {**kwargs, key: _channels_last(kwargs[key])}
+            break
+    return args, kwargs
+
+
+def _standard_layout_hook(module, args, kwargs, output):
+    """Forward hook: 4-D outputs back in the standard (NCHW-contiguous) layout callers expect."""
+    return _standard_layout(output)
+
+
+def _channels_last_output_hook(module, args, output):
+    return _channels_last(output)
+
+
+def run_channels_last(model: torch.nn.Module) -> None:
+    """
+    Make `model` (the converted denoiser) take its input in channels-last and hand its output back contiguous: with
+    `keep_channels_last` convolutions, every activation between them then stays channels-last (no layout copies;
+    GroupNorm, SiLU, adds and concatenations keep the layout). Idempotent.
+    """
+    if getattr(model, "_tdq_channels_last_hooks", None):
+        return
+    handles = [
+        model.register_forward_pre_hook(_to_channels_last_hook, with_kwargs=True),
+        model.register_forward_hook(_standard_layout_hook, with_kwargs=True),
+    ]
+    # float convolutions (layers kept in float, tiny-reduction fallbacks) follow their input's layout, and an input
+    # with one channel is both NCHW and channels-last (PyTorch then picks NCHW): their outputs are made channels-last
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) or (getattr(m, "is_conv", False) and not isinstance(m, X86Int8Module)):
+            handles.append(m.register_forward_hook(_channels_last_output_hook))
+    object.__setattr__(model, "_tdq_channels_last_hooks", tuple(handles))
 
 
 _ZEROS: dict[int, torch.Tensor] = {}

@@ -12,8 +12,9 @@ Rows:
 - `simulate vs simulate, every layer output nudged by 1 ulp`: the same with each quantized layer's output moved by
   one ulp on every call: last-bit differences at every layer and step, as a real kernel's different summation
   order makes them (the floor no backend without the simulator's exact float sums can beat).
-- `x86 vs simulate`: the int8 backend (exact int32 sums) against the simulator (float sums), with int8
-  convolution outputs kept channels-last and converted back to NCHW (default).
+- `x86 vs simulate`: the int8 backend (exact int32 sums) against the simulator (float sums), with the model run
+  channels-last (the default on AVX-512 VNNI/AMX CPUs) and with int8 convolution outputs converted back to NCHW
+  (the default elsewhere).
 - `... attention`: the same with `TDQConfig.attention` on (quantized QK^T and softmax-V inputs).
 
     python experiments/backend_psnr.py --seeds 32     # writes results/backend_psnr.{json,md}

@@ -69,13 +69,28 @@ def test_processor_quantizes_q_k_v_and_probabilities():
 
 
 @needs_int_mm
-def test_int8_attention_matches_simulator_per_bucket(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_int8_attention_matches_simulator_per_bucket(monkeypatch, channels_last):
     import tdq.quant.attention as A
 
     calls = []
     orig = A.int8_attention
     monkeypatch.setattr(A, "int8_attention", lambda *a: (calls.append(1), orig(*a))[1])
     attn, proc, ctx, x = _attention()
+    if channels_last:  # the x86 backend's layout on VNNI/AMX CPUs
+        x = x.contiguous(memory_format=torch.channels_last)
+    norm_dims = []
+    attn.group_norm.register_forward_pre_hook(lambda m, a: norm_dims.append(a[0].dim()))
+    with torch.no_grad():
+        ctx.set(0)
+        proc.kernel = "simulate"
+        attn(x)
+        proc.kernel = "aten._int_mm"
+        attn(x)
+    # the simulator keeps diffusers' order (group norm of the [B, C, HW] view); the int8 path normalises a
+    # channels-last input as it lies, so the projections read contiguous tokens
+    assert norm_dims == ([3, 4] if channels_last else [3, 3])
+    calls.clear()
     with torch.no_grad():
         for k in range(K):
             ctx.set(k)

@@ -178,9 +178,11 @@ class QuantAttnProcessor(nn.Module):
         group_norm = attn.group_norm
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
-            if group_norm is not None:
-                # the same statistics as diffusers' group norm of the [B, C, HW] view; on a channels-last input the
-                # output keeps that layout, so the projections below read contiguous tokens (no transposing copies)
+            if group_norm is not None and self.kernel != "simulate" and not hidden_states.is_contiguous():
+                # int8 kernels on a channels-last input (the x86 backend's layout): the group norm of the 4-D tensor
+                # (the statistics of diffusers' group norm of the [B, C, HW] view, summed in another order) keeps
+                # the layout, so the projections below read contiguous tokens (no transposing copies). The
+                # simulator keeps diffusers' order, bit for bit.
                 hidden_states, group_norm = group_norm(hidden_states), None
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
         batch_size, sequence_length, _ = (

@@ -82,9 +82,10 @@ def test_conv_output_layout_by_capability_and_overrides(clean_env):
     avx2 = dict(CAP, amx_int8=False, avx512_vnni=False, isa="avx2")
     assert x86_mod.conv_output_layout(amx)[0] is True
     assert x86_mod.conv_output_layout(vnni)[0] is True
-    assert x86_mod.conv_output_layout(avx2)[0] is False
+    assert x86_mod.conv_output_layout(avx2)[0] is True  # measured faster in an AVX2 emulation too
     clean_env.setattr(x86_mod, "KEEP_CHANNELS_LAST", False)
     assert x86_mod.conv_output_layout(amx)[0] is False
+    assert x86_mod.conv_output_layout(avx2)[0] is False
     clean_env.setenv("TDQ_X86_CHANNELS_LAST", "1")
     assert x86_mod.conv_output_layout(vnni) == (True, "TDQ_X86_CHANNELS_LAST=1")
     clean_env.setenv("TDQ_X86_CHANNELS_LAST", "yes")
@@ -146,9 +147,8 @@ def test_avx2_limits_pick_no_vnni_or_amx_path(clean_env):
     info = backend_info(model)
     assert info["capability"]["isa"] in ("avx2", "none")
     assert info["choices"]["attention"] == "simulate"
-    assert info["choices"]["conv_output"].startswith("input layout restored")
+    assert info["choices"]["conv_output"].startswith("channels-last kept: AVX2")
     assert {r["kernel"] for r in info["attention"].values()} == {"simulate"}
-    assert not any(m.keep_channels_last for m in model.modules() if isinstance(m, X86Int8Module))
 
 
 @needs_x86
@@ -236,7 +236,8 @@ def test_dense_flat_refuses_non_dense_views():
     assert F.dense_flat(x.expand(2, 4, 6, 5)) is None
     sl = x[:, :3]  # the quantizers still work on it (through a copy)
     assert torch.equal(
-        F.fake_quantize_per_tensor(sl, 0.03, 0, -127, 127), torch.fake_quantize_per_tensor_affine(sl, 0.03, 0, -127, 127)
+        F.fake_quantize_per_tensor(sl, 0.03, 0, -127, 127),
+        torch.fake_quantize_per_tensor_affine(sl, 0.03, 0, -127, 127),
     )
 
 

@@ -267,7 +267,9 @@ def _codes_i8(
     if _HAS_QTENSOR:
         # quantized where x lies (a transposed head view needs no copy); the codes keep x's layout
         flat = dense_flat(x)
-        qx = torch.quantize_per_tensor(x.contiguous().view(-1) if flat is None else flat, scale, zp, torch.qint8)
+        qx = torch.quantize_per_tensor(
+            x.contiguous().view(-1) if flat is None else flat, scale, zp, torch.qint8
+        )
         out = torch.empty(0, dtype=torch.int8).set_(
             qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride()
         )

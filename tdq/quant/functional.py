@@ -150,7 +150,7 @@ def dense_flat(x: torch.Tensor) -> torch.Tensor | None:
     if x.is_contiguous():
         return x.view(-1)
     expect = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride(), strict=True) if sz != 1):
         if stride != expect:
             return None
         expect *= size

@@ -69,16 +69,17 @@ KEEP_CHANNELS_LAST: bool | None = None
 
 def conv_output_layout(capability: dict) -> tuple[bool, str]:
     r"""
-    Whether int8 convolutions keep oneDNN's channels-last (NHWC) output, and why.
+    Whether int8 convolutions keep oneDNN's channels-last (NHWC) output (and the model runs channels-last), and why.
 
-    oneDNN's int8 convolution reads and writes NHWC. With AVX-512 VNNI or AMX it is fast enough (0.19-0.30x an FP32
-    conv on a Zen 5 EPYC, ~0.09x on AMX) that converting its input and output between NCHW and NHWC costs a third or
-    more of it; the model then runs channels-last from its input to its output (`run_channels_last`): GroupNorm
-    (with affine parameters), SiLU, adds, concatenations and the int8 attention keep the layout. Measured on the
-    big UNet (batch 16, 1 thread): AMX Xeon 0.44x -> 0.36x FP32; Zen 5 EPYC (VNNI, no AMX) 0.55x -> 0.49x. On AVX2
-    machines (not measured) the output goes back to the input's layout. The float ops between layers then sum in
-    another order, so whole runs differ from the simulator like any accumulation-order change (per-layer outputs
-    are the same values).
+    oneDNN's int8 convolution reads and writes NHWC. It is fast enough (0.19-0.30x an FP32 conv with AVX-512 VNNI on
+    a Zen 5 EPYC, ~0.09x on AMX) that converting its input and output between NCHW and NHWC costs a third or more of
+    it; the model then runs channels-last from its input to its output (`run_channels_last`): GroupNorm (with affine
+    parameters), SiLU, adds, concatenations and the int8 attention keep the layout. Measured on the big UNet (batch
+    16, 1 thread; `experiments/results/backends.md`): AMX Xeon 0.44x -> 0.36x FP32, Zen 5 EPYC (VNNI, no AMX) 0.55x
+    -> 0.49x, the same EPYC limited to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, an emulation)
+    0.69x -> 0.64x. So channels-last is the choice on every CPU the backend runs on; the reason names the evidence.
+    The float ops between layers then sum in another order than the simulator's NCHW ops, so whole runs differ from
+    the simulator like any accumulation-order change (per-layer outputs are the same values).
 
     Args:
         capability (`dict`): `get_cpu_capability()`.
@@ -94,10 +95,19 @@ def conv_output_layout(capability: dict) -> tuple[bool, str]:
     if KEEP_CHANNELS_LAST is not None:
         return bool(KEEP_CHANNELS_LAST), f"tdq.quant.backends.x86.KEEP_CHANNELS_LAST={KEEP_CHANNELS_LAST}"
     if capability.get("amx_int8"):
-        return True, "AMX: layout copies would cost ~1/3 of the int8 convolution; the model runs channels-last"
+        return (
+            True,
+            "AMX: layout copies would cost ~1/3 of the int8 convolution (big UNet 0.44x -> 0.36x FP32)",
+        )
     if capability.get("avx512_vnni"):
-        return True, "AVX-512 VNNI: layout copies would cost ~1/3 of the int8 convolution; the model runs channels-last"
-    return False, "no AVX-512 VNNI/AMX: the input's layout is restored after each int8 convolution"
+        return (
+            True,
+            "AVX-512 VNNI: layout copies cost ~1/3 of the int8 convolution (big UNet 0.55x -> 0.49x FP32)",
+        )
+    return (
+        True,
+        "AVX2: measured in an AVX2 emulation only (big UNet 0.69x -> 0.64x FP32); TDQ_X86_CHANNELS_LAST=0 restores NCHW",
+    )
 
 
 def _channels_last(t):
@@ -156,7 +166,9 @@ def run_channels_last(model: torch.nn.Module) -> None:
     # float convolutions (layers kept in float, tiny-reduction fallbacks) follow their input's layout, and an input
     # with one channel is both NCHW and channels-last (PyTorch then picks NCHW): their outputs are made channels-last
     for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d) or (getattr(m, "is_conv", False) and not isinstance(m, X86Int8Module)):
+        if isinstance(m, torch.nn.Conv2d) or (
+            getattr(m, "is_conv", False) and not isinstance(m, X86Int8Module)
+        ):
             handles.append(m.register_forward_hook(_channels_last_output_hook))
     object.__setattr__(model, "_tdq_channels_last_hooks", tuple(handles))
 

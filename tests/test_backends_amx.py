@@ -175,6 +175,7 @@ def test_amx_capability_keeps_channels_last_in_a_model(clean_env):
     assert seen and all(t.is_contiguous(memory_format=torch.channels_last) for t in seen if t.dim() == 4)
     assert out.is_contiguous()
     assert inp["sample"].is_contiguous()  # the caller's input is not changed in place
+    assert all(type(m) is not nn.GroupNorm for m in model.modules())  # all made accurate on channels-last
 
 
 @needs_x86
@@ -225,6 +226,29 @@ def test_dense_flat_quantizers_equal_reference_in_any_dense_layout(make):
     assert codes.stride() == x.stride()
     ref = torch.fake_quantize_per_tensor_affine(x, 0.03, 128, 0, 255) / 0.03 + 128
     assert torch.equal(codes.float(), ref.round())
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 30.0])
+def test_channels_last_group_norm_is_as_accurate_as_nchw(offset):
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(8, 64)
+    nn.init.normal_(gn.weight)
+    nn.init.normal_(gn.bias)
+    x = torch.randn(4, 64, 12, 12) + offset
+    ref = nn.functional.group_norm(x.double(), 8, gn.weight.double(), gn.bias.double(), gn.eps)
+    cl_gn = copy.deepcopy(gn)
+    cl_gn.__class__ = x86_mod.ChannelsLastGroupNorm
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = cl_gn(xc)
+        nchw_err = float((gn(x).double() - ref).abs().max())
+        torch_cl_err = float((gn(xc).double() - ref).abs().max())
+    err = float((out.double() - ref).abs().max())
+    print(f"offset {offset}: max error ours {err:.2e}, NCHW kernel {nchw_err:.2e}, channels-last kernel {torch_cl_err:.2e}")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert err <= 4 * max(nchw_err, 1e-6)
+    assert torch.equal(cl_gn(x), gn(x))  # NCHW inputs: nn.GroupNorm as is
+    assert cl_gn.state_dict().keys() == gn.state_dict().keys()
 
 
 def test_dense_flat_refuses_non_dense_views():

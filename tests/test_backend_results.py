@@ -87,8 +87,8 @@ def test_channels_last_model_is_faster_than_nchw_outputs(cl, nchw):
 
 def test_avx2_emulation_meets_its_target_and_vnni_misses_its_own():
     assert _ratio(ZEN5_AVX2_CL, "big-unet", "x86") <= 0.70
-    assert "**0.64x** (0.60x)" in (ROOT / "README.md").read_text()
-    assert round(_ratio(ZEN5_AVX2_CL, "big-unet", "x86"), 2) == 0.64
+    assert "**0.62x** (0.58x)" in (ROOT / "README.md").read_text()
+    assert round(_ratio(ZEN5_AVX2_CL, "big-unet", "x86"), 2) == 0.62
     # the README says the <= 0.40x VNNI target is not met without AMX
     assert _ratio(ZEN5, "big-unet", "x86") > 0.40 and _ratio(ZEN5, "big-unet", "x86_attention") > 0.40
 

@@ -244,7 +244,9 @@ def test_channels_last_group_norm_is_as_accurate_as_nchw(offset):
         nchw_err = float((gn(x).double() - ref).abs().max())
         torch_cl_err = float((gn(xc).double() - ref).abs().max())
     err = float((out.double() - ref).abs().max())
-    print(f"offset {offset}: max error ours {err:.2e}, NCHW kernel {nchw_err:.2e}, channels-last kernel {torch_cl_err:.2e}")
+    print(
+        f"offset {offset}: max error ours {err:.2e}, NCHW kernel {nchw_err:.2e}, channels-last kernel {torch_cl_err:.2e}"
+    )
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert err <= 4 * max(nchw_err, 1e-6)
     assert torch.equal(cl_gn(x), gn(x))  # NCHW inputs: nn.GroupNorm as is

@@ -77,7 +77,7 @@ def conv_output_layout(capability: dict) -> tuple[bool, str]:
     parameters), SiLU, adds, concatenations and the int8 attention keep the layout. Measured on the big UNet (batch
     16, 1 thread; `experiments/results/backends.md`): AMX Xeon 0.44x -> 0.36x FP32, Zen 5 EPYC (VNNI, no AMX) 0.55x
     -> 0.49x, the same EPYC limited to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, an emulation)
-    0.69x -> 0.64x. So channels-last is the choice on every CPU the backend runs on; the reason names the evidence.
+    0.69x -> 0.62x. So channels-last is the choice on every CPU the backend runs on; the reason names the evidence.
     The float ops between layers then sum in another order than the simulator's NCHW ops, so whole runs differ from
     the simulator like any accumulation-order change (per-layer outputs are the same values).
 
@@ -102,11 +102,11 @@ def conv_output_layout(capability: dict) -> tuple[bool, str]:
     if capability.get("avx512_vnni"):
         return (
             True,
-            "AVX-512 VNNI: layout copies cost ~1/3 of the int8 convolution (big UNet 0.55x -> 0.49x FP32)",
+            "AVX-512 VNNI: layout copies cost ~1/3 of the int8 convolution (big UNet 0.55x -> 0.51x FP32)",
         )
     return (
         True,
-        "AVX2: measured in an AVX2 emulation only (big UNet 0.69x -> 0.64x FP32); TDQ_X86_CHANNELS_LAST=0 restores NCHW",
+        "AVX2: measured in an AVX2 emulation only (big UNet 0.69x -> 0.62x FP32); TDQ_X86_CHANNELS_LAST=0 restores NCHW",
     )
 
 
@@ -163,7 +163,9 @@ class ChannelsLastGroupNorm(torch.nn.GroupNorm):
             return super().forward(x)
         b, c, h, w = x.shape
         g = self.num_groups
-        mean_c = x.permute(0, 2, 3, 1).reshape(b, h * w, c).mean(1)  # a view of channels-last memory: one pass
+        mean_c = (
+            x.permute(0, 2, 3, 1).reshape(b, h * w, c).mean(1)
+        )  # a view of channels-last memory: one pass
         shift = mean_c.view(b, g, c // g).mean(-1, keepdim=True).expand(b, g, c // g).reshape(b, c, 1, 1)
         return torch.nn.functional.group_norm(x - shift, g, self.weight, self.bias, self.eps)
 

@@ -76,7 +76,7 @@ def conv_output_layout(capability: dict) -> tuple[bool, str]:
     it; the model then runs channels-last from its input to its output (`run_channels_last`): GroupNorm (with affine
     parameters), SiLU, adds, concatenations and the int8 attention keep the layout. Measured on the big UNet (batch
     16, 1 thread; `experiments/results/backends.md`): AMX Xeon 0.44x -> 0.36x FP32, Zen 5 EPYC (VNNI, no AMX) 0.55x
-    -> 0.49x, the same EPYC limited to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, an emulation)
+    -> 0.51x, the same EPYC limited to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, an emulation)
     0.69x -> 0.62x. So channels-last is the choice on every CPU the backend runs on; the reason names the evidence.
     The float ops between layers then sum in another order than the simulator's NCHW ops, so whole runs differ from
     the simulator like any accumulation-order change (per-layer outputs are the same values).

@@ -228,14 +228,15 @@ def test_dense_flat_quantizers_equal_reference_in_any_dense_layout(make):
     assert torch.equal(codes.float(), ref.round())
 
 
+@pytest.mark.parametrize("groups", [8, 32], ids=["8_per_group", "2_per_group"])
 @pytest.mark.parametrize("offset", [0.0, 3.0, 30.0])
-def test_channels_last_group_norm_is_as_accurate_as_nchw(offset):
+def test_channels_last_group_norm_is_as_accurate_as_nchw(offset, groups):
     torch.manual_seed(0)
-    gn = nn.GroupNorm(8, 64)
+    gn = nn.GroupNorm(groups, 64)
     nn.init.normal_(gn.weight)
     nn.init.normal_(gn.bias)
     x = torch.randn(4, 64, 12, 12) + offset
-    ref = nn.functional.group_norm(x.double(), 8, gn.weight.double(), gn.bias.double(), gn.eps)
+    ref = nn.functional.group_norm(x.double(), groups, gn.weight.double(), gn.bias.double(), gn.eps)
     cl_gn = copy.deepcopy(gn)
     cl_gn.__class__ = x86_mod.ChannelsLastGroupNorm
     xc = x.contiguous(memory_format=torch.channels_last)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tdq.config import QuantSpec
-from tdq.quant.functional import dense_flat, restride, saturating_code_input
+from tdq.quant.functional import integer_codes
 from tdq.quant.quantizers import TimestepActQuantizer, TimestepContext
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,6 @@ QUANTIZER_BUFFERS = {
 MIN_INT8_SCORES = 64 * 64
 # Heads per chunk of the int8 path: the chunk's int32 score block is kept near this many bytes (cache resident).
 CHUNK_BYTES = 1 << 20
-
-_HAS_QTENSOR = hasattr(torch, "quantize_per_tensor") and hasattr(torch, "qint8")
 
 
 def register_attention_processor(attn_cls: type) -> Callable[[type], type]:
@@ -257,27 +255,8 @@ class QuantAttnProcessor(nn.Module):
 def _codes_i8(
     x: torch.Tensor, scale: float, zp: int, lo: int, hi: int, guard: bool = True
 ) -> torch.Tensor | None:
-    """`clamp(round(x / scale) + zp, lo, hi)` as `int8` (the codes of `fake_quantize_per_tensor_affine`; huge inputs
-    saturate, see `saturating_code_input`), or `None` when `x` holds NaN or +-inf. `guard=False` skips that check (one
-    pass over `x`) where `x` is known finite and bounded (softmax probabilities)."""
-    if guard:
-        x = saturating_code_input(x, scale)
-        if x is None:
-            return None
-    if _HAS_QTENSOR:
-        # quantized where x lies (a transposed head view needs no copy); the codes keep x's layout
-        flat = dense_flat(x)
-        qx = torch.quantize_per_tensor(
-            x.contiguous().view(-1) if flat is None else flat, scale, zp, torch.qint8
-        )
-        out = torch.empty(0, dtype=torch.int8).set_(
-            qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride()
-        )
-        if lo > -128 or hi < 127:
-            out.clamp_(lo, hi)
-        return out.view(x.shape) if flat is None else restride(out, x)
-    inv = float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
-    return x.mul(inv).round_().add_(zp).clamp_(lo, hi).to(torch.int8)
+    """The `int8` codes of `x` in its layout (`integer_codes(..., signed=True)`), `None` for NaN/+-inf."""
+    return integer_codes(x, scale, zp, lo, hi, signed=True, guard=guard)
 
 
 def int8_attention(q, k, v, scale: float, qp, kp, vp, pp) -> torch.Tensor | None:

@@ -252,6 +252,57 @@ def saturating_code_input(x: torch.Tensor, scale: float) -> torch.Tensor | None:
     return x.clamp(-lim, lim)
 
 
+def inv_scale(scale: float) -> float:
+    """`1.0f / scale` in float32: the multiplier PyTorch's `fake_quantize_per_tensor_affine` rounds `x * inv` with."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32))
+
+
+def integer_codes(
+    x: torch.Tensor, scale: float, zero_point: int, lo: int, hi: int, signed: bool, guard: bool = True
+) -> torch.Tensor | None:
+    r"""
+    `clamp(round(x * (1.0f / scale)) + zero_point, lo, hi)` as plain `int8` (`signed`) or `uint8` codes, in `x`'s
+    layout: the codes of `torch.fake_quantize_per_tensor_affine`, which the simulator uses, for an integer kernel.
+
+    One fused `torch.quantize_per_tensor` pass over `x`'s dense memory (no copy or strided loop for channels-last or
+    transposed inputs), its storage viewed as plain integers without a copy; the op chain where quantized dtypes are
+    gone. With `guard` (default) huge inputs saturate at `lo`/`hi` (`saturating_code_input`) and NaN/+-inf give
+    `None`; `guard=False` skips that pass for inputs known finite and bounded (softmax probabilities).
+
+    Args:
+        x (`torch.Tensor`): float input.
+        scale (`float`): positive finite scale.
+        zero_point (`int`): zero-point, within the code dtype's range.
+        lo (`int`): smallest code.
+        hi (`int`): largest code.
+        signed (`bool`): `int8` codes (else `uint8`).
+        guard (`bool`, *optional*, defaults to `True`): check for non-finite and huge inputs first.
+
+    Returns:
+        The codes, or `None` when `x` holds NaN or +-inf (the callers then run the simulator's arithmetic).
+    """
+    if guard:
+        x = saturating_code_input(x, scale)
+        if x is None:
+            return None
+    full_lo, full_hi, qdtype, dtype = (
+        (-128, 127, torch.qint8, torch.int8) if signed else (0, 255, torch.quint8, torch.uint8)
+    )
+    flat = dense_flat(x) if HAS_QTENSOR and x.dtype == torch.float32 else None
+    if flat is None and HAS_QTENSOR and x.dtype == torch.float32:
+        flat = x.contiguous().view(-1)
+        x = flat.view(x.shape)
+    if flat is None:
+        return x.mul(inv_scale(scale)).round_().add_(zero_point).clamp_(lo, hi).to(dtype)
+    qx = torch.quantize_per_tensor(flat, scale, zero_point, qdtype)
+    codes = torch.empty(0, dtype=dtype, device=x.device).set_(
+        qx.untyped_storage(), qx.storage_offset(), qx.size(), qx.stride()
+    )
+    if lo > full_lo or hi < full_hi:
+        codes.clamp_(lo, hi)
+    return restride(codes, x)
+
+
 def reshape_for_granularity(w: torch.Tensor, granularity: str, group_size: int = 64) -> torch.Tensor:
     """
     View a weight as `[rows, cols]` where each row shares one scale.

@@ -18,7 +18,7 @@ from tdq.quant.backends.base import (
     split_by_bucket,
     weight_rows,
 )
-from tdq.quant.backends.x86 import _inv_scale
+from tdq.quant.functional import inv_scale as _inv_scale
 from tdq.quant.modules import QuantMixin
 
 

@@ -96,12 +96,10 @@ def _standard_layout(out):
         return out.contiguous() if out.dim() == 4 else out
     if isinstance(out, tuple) and not hasattr(out, "_fields"):
         return tuple(_standard_layout(o) for o in out)
-    if isinstance(out, dict):  # diffusers' BaseOutput (an OrderedDict dataclass): fields set in place
+    if isinstance(out, dict):  # diffusers' BaseOutput: item assignment also sets the field
         for k, v in list(out.items()):
             if isinstance(v, torch.Tensor) and v.dim() == 4:
                 out[k] = v.contiguous()
-                if hasattr(out, k):
-                    object.__setattr__(out, k, out[k])
     return out
 
 
@@ -144,9 +142,8 @@ class ChannelsLastGroupNorm(torch.nn.GroupNorm):
         if c // g <= 2:
             out = torch.nn.functional.group_norm(x.contiguous(), g, self.weight, self.bias, self.eps)
             return out.contiguous(memory_format=torch.channels_last)
-        mean_c = (
-            x.permute(0, 2, 3, 1).reshape(b, h * w, c).mean(1)
-        )  # a view of channels-last memory: one pass
+        # per-channel means over a view of the channels-last memory: one pass
+        mean_c = x.permute(0, 2, 3, 1).reshape(b, h * w, c).mean(1)
         shift = mean_c.view(b, g, c // g).mean(-1, keepdim=True).expand(b, g, c // g).reshape(b, c, 1, 1)
         return torch.nn.functional.group_norm(x - shift, g, self.weight, self.bias, self.eps)
 

@@ -179,6 +179,24 @@ def test_amx_capability_keeps_channels_last_in_a_model(clean_env):
 
 
 @needs_x86
+def test_channels_last_model_returns_nchw_outputs(clean_env):
+    # 3 output channels: a channels-last output is not also NCHW-contiguous (as a 1-channel one is)
+    clean_env.setattr(x86_mod, "KEEP_CHANNELS_LAST", True)
+    model = tdq.quantize_(tiny_unet2d(in_channels=3, out_channels=3), TDQConfig())
+    with tdq.calibration(model), torch.no_grad():
+        for t in (20.0, 480.0, 950.0):
+            model(**denoiser_inputs(model, t=t))
+    to_backend(model, "x86")
+    inp = denoiser_inputs(model, batch=2, t=480.0)
+    with torch.no_grad():
+        out = model(**inp)
+        tup = model(**inp, return_dict=False)
+    assert out.sample.is_contiguous() and out["sample"].is_contiguous()
+    assert tup[0].is_contiguous()
+    assert torch.equal(out.sample, tup[0])
+
+
+@needs_x86
 def test_channels_last_model_equals_nchw_model(clean_env):
     torch.manual_seed(3)
     model = _calibrated_tiny()

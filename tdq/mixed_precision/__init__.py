@@ -1,7 +1,8 @@
 """Mixed precision: Fisher sensitivity profiles, precision schedules and the planners that make them.
 
 `profile` holds `SensitivityProfile`, `fisher` measures it (`profile_sensitivity`), `schedule` holds
-`PrecisionSchedule`, `planners` chooses one under a budget (`plan_precision`: exact MILP; `plan_uniform`).
+`PrecisionSchedule`, `planners` chooses one under a budget (`plan_precision`: exact MILP, its binary program in
+`milp`; `plan_uniform`), `costs` prices a schedule (weight bytes, BOPs).
 """
 
 from tdq.mixed_precision.fisher import profile_sensitivity

@@ -151,3 +151,30 @@ def effective_average_bits(
         "float_bits": float_bits,
         "layers": len(macs),
     }
+
+
+def bops_cost_table(
+    macs: torch.Tensor | Sequence[float], act_bits: Sequence[int], weight_bits: Sequence[int]
+) -> np.ndarray:
+    r"""
+    The default per-layer latency cost table: bit-operations, `MACs_l × a × w`, of one denoiser call (a float
+    activation candidate, `a >= 16`, runs a float matmul: `MACs_l × 32 × 32`).
+
+    This is a model, not a measurement: tdq's integer backends run 8-bit kernels only (lower bit-widths are
+    simulated or stored as int8), so no measured per-layer cost per bit-width exists to plan with. Pass a measured
+    table of the same shape to `plan_precision(latency_table=...)` where one is available.
+
+    Args:
+        macs (`torch.Tensor` or `Sequence[float]` of shape `[L]`): MACs per sample of each layer.
+        act_bits (`Sequence[int]`): activation candidates (table axis 1).
+        weight_bits (`Sequence[int]`): weight candidates (table axis 2).
+
+    Returns:
+        `np.ndarray` of shape `[L, len(act_bits), len(weight_bits)]`.
+    """
+    m = np.asarray(torch.as_tensor(macs).detach().cpu().double().numpy(), dtype=np.float64).reshape(-1)
+    a = np.asarray(act_bits, dtype=np.float64)
+    w = np.asarray(weight_bits, dtype=np.float64)
+    per_mac = a[:, None] * w[None, :]
+    per_mac = np.where(a[:, None] >= FLOAT_BITS, 32.0 * 32.0, per_mac)  # float input: a float matmul
+    return m[:, None, None] * per_mac[None, :, :]
